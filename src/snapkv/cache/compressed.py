@@ -1,0 +1,155 @@
+"""A transformers cache whose full-attention layers hold the kept prompt KV.
+
+Each full-attention layer keeps its kept tokens in their original order; rows of a batch
+that keep fewer tokens than the longest are padded at the front (``pad``), and attention
+masks those slots. The layer also counts every token it has seen (``seen``), so a
+forward without explicit positions continues at the original position, not at the
+compressed length. Sliding-window layers are transformers' own and keep their window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+
+class CompressedLayer(DynamicLayer):
+    """A full-attention cache layer that can be replaced by its kept tokens once.
+
+    Attributes:
+        seen: tokens this layer has received (prompt plus appended), i.e. the next position.
+        pad: ``[B]`` filler slots at the front of each row, or None before compression.
+        positions: ``[B, Hkv, P]`` original positions of the kept prompt tokens, or None.
+        compressed: whether the prompt part has been replaced by its selection.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.seen = 0
+        self.pad: torch.Tensor | None = None
+        self.positions: torch.Tensor | None = None
+        self.compressed = False
+        self.prefilled = False
+        self.prompt_length = 0
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append new keys/values (``[B, Hkv, q, D]``) and return the whole layer."""
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        self.seen += key_states.shape[-2]
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        """Tokens seen so far (the original position of the next token)."""
+        return self.seen
+
+    def get_mask_sizes(self, query_length: Any, *args: Any) -> tuple[int, int]:
+        """Physical key length for mask creation (SnapKV builds its own decode mask)."""
+        q = query_length if isinstance(query_length, int) else int(query_length.shape[-1])
+        return self.physical_length + q, 0
+
+    @property
+    def physical_length(self) -> int:
+        """Slots stored now (kept prompt tokens of the longest row plus appended tokens)."""
+        if not self.is_initialized or self.keys is None or self.keys.numel() == 0:
+            return 0
+        return self.keys.shape[-2]
+
+    def replace(self, keys: torch.Tensor, values: torch.Tensor, pad: torch.Tensor, positions: torch.Tensor) -> None:
+        """Swap the full prompt KV for the kept tokens (done once, right after prefill)."""
+        self.prompt_length = self.seen
+        self.keys, self.values, self.pad, self.positions = keys, values, pad, positions
+        self.compressed = True
+
+    def slot_valid(self, total: int | None = None) -> torch.Tensor:
+        """``[B, total]`` bool: False at filler slots."""
+        total = self.physical_length if total is None else total
+        slots = torch.arange(total, device=self.keys.device)
+        pad = self.pad if self.pad is not None else torch.zeros(self.keys.shape[0], dtype=torch.long)
+        return slots[None, :] >= pad.to(self.keys.device)[:, None]
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the last ``-tokens_to_remove`` appended tokens."""
+        super().crop(tokens_to_remove)
+        self.seen -= abs(tokens_to_remove)
+
+    def reset(self) -> None:
+        """Forget everything, compression included."""
+        super().reset()
+        self.seen, self.pad, self.positions, self.prompt_length = 0, None, None, 0
+        self.compressed = self.prefilled = False
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Repeat each row ``repeats`` times (beam search, several samples)."""
+        super().batch_repeat_interleave(repeats)
+        if self.pad is not None:
+            self.pad = self.pad.repeat_interleave(repeats, dim=0)
+            self.positions = self.positions.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep only the given rows."""
+        super().batch_select_indices(indices)
+        if self.pad is not None:
+            self.pad = self.pad[indices]
+            self.positions = self.positions[indices]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Reorder rows for beam search."""
+        super().reorder_cache(beam_idx)
+        if self.pad is not None:
+            self.pad = self.pad.index_select(0, beam_idx.to(self.pad.device))
+            self.positions = self.positions.index_select(0, beam_idx.to(self.positions.device))
+
+
+@dataclass(slots=True, frozen=True)
+class Snapshot:
+    """Saved per-layer state, to roll a cache back (tensors are shared, never copied)."""
+
+    states: tuple[tuple[Any, ...], ...]
+
+
+_SAVED = ("keys", "values", "is_initialized", "seen", "pad", "positions", "compressed", "prefilled",
+          "prompt_length", "cumulative_length")
+
+
+class SnapKVCache(DynamicCache):
+    """A ``DynamicCache`` whose full-attention layers are :class:`CompressedLayer`.
+
+    Build it with the model's config (``SnapKVCache(config=model.config)``, or
+    ``session.new_cache()``) and pass it to ``model.generate`` or ``model(...)``.
+    """
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config=config)
+        self.layers = [
+            CompressedLayer() if type(layer) is DynamicLayer else layer for layer in self.layers
+        ]
+
+    def compressed_layers(self) -> list[int]:
+        """Indices of the layers that hold a kept subset of their prompt."""
+        return [i for i, layer in enumerate(self.layers) if getattr(layer, "compressed", False)]
+
+    def snapshot(self) -> Snapshot:
+        """State to :meth:`restore` later, e.g. after answering one question of many."""
+        return Snapshot(tuple(tuple(getattr(layer, a, None) for a in _SAVED) for layer in self.layers))
+
+    def restore(self, snap: Snapshot) -> None:
+        """Roll every layer back to ``snap`` (appended tokens are dropped)."""
+        for layer, state in zip(self.layers, snap.states, strict=True):
+            for name, value in zip(_SAVED, state, strict=True):
+                if hasattr(layer, name) or value is not None:
+                    setattr(layer, name, value)
+
+    def kv_bytes(self) -> int:
+        """Bytes held by all layers' keys and values now."""
+        total = 0
+        for layer in self.layers:
+            for t in (layer.keys, layer.values):
+                if isinstance(t, torch.Tensor):
+                    total += t.numel() * t.element_size()
+        return total

@@ -1,0 +1,268 @@
+"""transformers glue: a scoped attention function that compresses each layer after its prefill.
+
+Nothing is monkeypatched. Entering :class:`SnapKVSession` registers an attention function
+(and the matching mask function) under a name unique to the session, switches the model to
+it, and leaving restores the model's own implementation and removes both registrations.
+
+The registered function wraps the backend the model was loaded with (eager, sdpa, flash):
+
+* prefill into an empty :class:`~snapkv.cache.CompressedLayer`: the backend attends to the
+  full prompt (the first generated token sees everything), then the layer's method scores
+  the prompt from the model's own post-RoPE queries and the layer keeps its selection,
+  so only one layer's full KV is alive at a time;
+* later calls on a compressed layer: the backend attends to the kept tokens plus the new
+  ones, with a mask that SnapKV builds from each row's filler slots;
+* sliding-window layers: untouched, they keep their own window.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from snapkv.cache.compressed import CompressedLayer, SnapKVCache
+from snapkv.config import SnapKVConfig
+from snapkv.core.budgets import PROFILES, layer_budget
+from snapkv.methods.base import Method, ScoreInputs
+from snapkv.methods.snapkv import SnapKV
+
+#: Attention implementations SnapKV can wrap, and the mask format each expects.
+SUPPORTED_BACKENDS: dict[str, str] = {
+    "eager": "additive",
+    "sdpa": "bool",
+    "flash_attention_2": "2d",
+    "flash_attention_3": "2d",
+}
+
+_ids = itertools.count()
+
+
+def cache_argument(model: torch.nn.Module) -> str:
+    """The keyword under which this transformers version takes a cache (``cache`` from 5.24)."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _text_config(model: torch.nn.Module) -> Any:
+    return model.config.get_text_config(decoder=True)
+
+
+def _backend_function(name: str, module: torch.nn.Module) -> Callable[..., Any]:
+    if name == "eager":
+        return sys.modules[type(module).__module__].eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[name]
+
+
+def key_valid_from_mask(mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:
+    """``[B, L]`` bool (False at padding) read off the backend's prefill mask, or None."""
+    if mask is None:
+        return None
+    if mask.dim() == 2:
+        valid = mask.bool()
+    elif mask.dim() == 4:
+        last = mask[:, 0, -1, :]  # the last query sees every real key of its row
+        valid = last if last.dtype == torch.bool else last == 0
+    else:
+        raise ValueError(f"unexpected attention mask of shape {tuple(mask.shape)}")
+    if valid.shape[-1] != length:
+        raise ValueError(f"attention mask covers {valid.shape[-1]} keys, the layer holds {length}")
+    valid = valid.expand(batch, length)
+    return None if bool(valid.all()) else valid
+
+
+def decode_mask(layer: CompressedLayer, q_len: int, kind: str, dtype: torch.dtype) -> torch.Tensor:
+    """Mask for ``q_len`` new queries against a compressed layer, in the backend's format."""
+    total = layer.physical_length
+    valid = layer.slot_valid(total)  # [B, K]
+    if kind == "2d":
+        return valid.long()
+    device = valid.device
+    q_slot = total - q_len + torch.arange(q_len, device=device)  # physical slot of each query
+    causal = torch.arange(total, device=device)[None, :] <= q_slot[:, None]  # [q, K]
+    allowed = valid[:, None, None, :] & causal[None, None]  # [B, 1, q, K]
+    if kind == "bool":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+@dataclass
+class LayerStats:
+    """What compression did to one layer."""
+
+    layer: int
+    prompt_tokens: list[int]
+    kept_tokens: list[int]
+    bytes_before: int
+    bytes_after: int
+
+
+@dataclass
+class SnapKVSession:
+    """Compress a model's prompt KV cache inside a ``with`` block.
+
+    Example::
+
+        with SnapKVSession(model, SnapKVConfig(budget=1024)) as session:
+            cache = session.new_cache()
+            out = model.generate(**inputs, past_key_values=cache, max_new_tokens=32)
+
+    Args:
+        model: a transformers decoder (``*ForCausalLM``) on any device map.
+        config: window and budget.
+        method: how positions are scored (default :class:`~snapkv.methods.SnapKV` with the
+            config's kernel, pooling and GQA reduction).
+        layer_profile: ``"uniform"`` or ``"pyramid"`` budgets across compressed layers.
+    """
+
+    model: torch.nn.Module
+    config: SnapKVConfig = field(default_factory=SnapKVConfig)
+    method: Method | None = None
+    layer_profile: str = "uniform"
+    stats: list[LayerStats] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.layer_profile not in PROFILES:
+            raise ValueError(f"layer_profile must be one of {PROFILES}, got {self.layer_profile!r}")
+        if self.method is None:
+            c = self.config
+            self.method = SnapKV(kernel=c.kernel, pooling=c.pooling, gqa_reduce=c.gqa_reduce, chunk_size=c.chunk_size)
+        text = _text_config(self.model)
+        self.backend = text._attn_implementation or "eager"
+        if self.backend not in SUPPORTED_BACKENDS:
+            raise ValueError(
+                f"attention implementation {self.backend!r} cannot be wrapped by SnapKV; "
+                f"load the model with attn_implementation in {sorted(SUPPORTED_BACKENDS)}"
+            )
+        layer_types = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
+        self.full_layers = [i for i, t in enumerate(layer_types) if t == "full_attention"]
+        self.window = self.config.window
+        self._name = f"snapkv_{self.backend}_{next(_ids)}"
+        self._cache: SnapKVCache | None = None
+        self._active = False
+
+    # -- context -------------------------------------------------------------------------
+    def __enter__(self) -> SnapKVSession:
+        AttentionInterface.register(self._name, self._attention)
+        AttentionMaskInterface.register(self._name, AttentionMaskInterface._global_mapping[self.backend])
+        try:
+            self.model.set_attn_implementation(self._name)
+        except Exception:
+            self._unregister()
+            raise
+        self._active = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.model.set_attn_implementation(self.backend)
+        finally:
+            self._unregister()
+            self._active = False
+            self._cache = None
+
+    def _unregister(self) -> None:
+        AttentionInterface._global_mapping.pop(self._name, None)
+        AttentionMaskInterface._global_mapping.pop(self._name, None)
+
+    # -- caches --------------------------------------------------------------------------
+    def new_cache(self) -> SnapKVCache:
+        """A fresh cache for one prompt (or one batch of prompts)."""
+        if not self._active:
+            raise RuntimeError("create caches inside `with SnapKVSession(...)`")
+        self._cache = SnapKVCache(config=self.model.config)
+        self.stats = []
+        return self._cache
+
+    def cache_kwargs(self, cache: SnapKVCache) -> dict[str, SnapKVCache]:
+        """``{name: cache}`` with the cache keyword of the installed transformers."""
+        return {cache_argument(self.model): cache}
+
+    def _layer(self, layer_idx: int, key: torch.Tensor) -> Any:
+        cache = self._cache
+        layer = cache.layers[layer_idx] if cache is not None and layer_idx < len(cache.layers) else None
+        if isinstance(layer, CompressedLayer) and layer.keys is key:
+            return layer
+        if layer is not None and not isinstance(layer, CompressedLayer) and layer.is_sliding:
+            return layer
+        raise RuntimeError(
+            "SnapKV found no SnapKV cache in this forward: pass the cache from "
+            "`session.new_cache()` as the model's cache (use_cache must stay on)"
+        )
+
+    # -- the attention function ----------------------------------------------------------
+    def _attention(
+        self,
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, Any]:
+        backend = _backend_function(self.backend, module)
+        layer = self._layer(module.layer_idx, key)
+        if not isinstance(layer, CompressedLayer):  # sliding window: its own cache
+            return backend(module, query, key, value, attention_mask, **kwargs)
+        if layer.compressed:
+            kind = SUPPORTED_BACKENDS[self.backend]
+            mask = decode_mask(layer, query.shape[-2], kind, query.dtype)
+            return backend(module, query, key, value, mask, **kwargs)
+        if layer.prefilled:  # the prompt fit the budget: nothing was removed
+            return backend(module, query, key, value, attention_mask, **kwargs)
+        out = backend(module, query, key, value, attention_mask, **kwargs)
+        if layer.seen != key.shape[-2] or query.shape[-2] != key.shape[-2]:
+            raise RuntimeError(
+                "SnapKV compresses a layer in one prefill forward; this forward appended "
+                f"{query.shape[-2]} tokens to a layer holding {key.shape[-2] - query.shape[-2]}"
+            )
+        self._compress(module, layer, query, key, value, attention_mask, kwargs)
+        return out
+
+    def _compress(
+        self,
+        module: torch.nn.Module,
+        layer: CompressedLayer,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        kwargs: dict[str, Any],
+    ) -> None:
+        b, _, length, _ = key.shape
+        key_valid = key_valid_from_mask(attention_mask, b, length)
+        real = key_valid.sum(-1).tolist() if key_valid is not None else [length] * b
+        rank = self.full_layers.index(module.layer_idx)
+        kept = []
+        for n in real:
+            k = self.config.kept_tokens(n, self.window)
+            if k < n:
+                k = min(n, layer_budget(self.layer_profile, k, self.window, rank, len(self.full_layers)))
+            kept.append(k)
+        layer.prefilled = True
+        full_bytes = 2 * key.numel() * key.element_size()
+        if kept == real:  # every row fits its budget: the layer stays as it is
+            self.stats.append(LayerStats(module.layer_idx, real, kept, full_bytes, full_bytes))
+            return
+        inputs = ScoreInputs(
+            queries=query,
+            keys=key,
+            key_valid=key_valid,
+            window=self.window,
+            scaling=kwargs.get("scaling", module.scaling),
+            softcap=kwargs.get("softcap"),
+            layer_idx=module.layer_idx,
+        )
+        n_keep = torch.tensor(kept, device=key.device)
+        new_k, new_v, sel = self.method.compress(inputs, value, n_keep)
+        layer.replace(new_k, new_v, sel.pad, sel.indices.to(torch.int32))
+        after = 2 * new_k.numel() * new_k.element_size()
+        self.stats.append(LayerStats(module.layer_idx, real, kept, full_bytes, after))
