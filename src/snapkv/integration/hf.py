@@ -17,6 +17,8 @@ The registered function wraps the backend the model was loaded with (eager, sdpa
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import inspect
 import itertools
 import sys
@@ -121,12 +123,16 @@ class SnapKVSession:
         method: how positions are scored (default :class:`~snapkv.methods.SnapKV` with the
             config's kernel, pooling and GQA reduction).
         layer_profile: ``"uniform"`` or ``"pyramid"`` budgets across compressed layers.
+        capture: keep the full prompt KV and record each full layer's scoring inputs
+            instead of compressing, so :meth:`derive` can build compressed caches for many
+            methods and budgets from one prefill (evaluation).
     """
 
     model: torch.nn.Module
     config: SnapKVConfig = field(default_factory=SnapKVConfig)
     method: Method | None = None
     layer_profile: str = "uniform"
+    capture: bool = False
     stats: list[LayerStats] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -148,6 +154,7 @@ class SnapKVSession:
         self._name = f"snapkv_{self.backend}_{next(_ids)}"
         self._cache: SnapKVCache | None = None
         self._active = False
+        self.captured: dict[int, tuple[ScoreInputs, torch.Tensor]] = {}
 
     # -- context -------------------------------------------------------------------------
     def __enter__(self) -> SnapKVSession:
@@ -180,7 +187,50 @@ class SnapKVSession:
             raise RuntimeError("create caches inside `with SnapKVSession(...)`")
         self._cache = SnapKVCache(config=self.model.config)
         self.stats = []
+        self.captured = {}
         return self._cache
+
+    def activate(self, cache: SnapKVCache) -> None:
+        """Make ``cache`` the one the next forwards use (e.g. a cache from :meth:`derive`)."""
+        self._cache = cache
+
+    def derive(
+        self,
+        source: SnapKVCache,
+        method: Method | None = None,
+        config: SnapKVConfig | None = None,
+        layer_profile: str | None = None,
+        window: int | None = None,
+    ) -> SnapKVCache:
+        """A compressed copy of a captured prefill (``capture=True``), for another method or budget.
+
+        The prompt's full KV in ``source`` is shared, not copied; the new cache holds the
+        kept tokens of each full-attention layer and shares the sliding layers' tensors.
+        The new cache becomes the active one.
+        """
+        if not self.captured:
+            raise RuntimeError("derive() needs a prefill run with SnapKVSession(..., capture=True)")
+        method = method or self.method
+        config = config or self.config
+        profile = layer_profile or self.layer_profile
+        window = window or config.window
+        new = SnapKVCache(config=self.model.config)
+        stats = []
+        for i, (src, dst) in enumerate(zip(source.layers, new.layers, strict=True)):
+            if not isinstance(src, CompressedLayer):
+                new.layers[i] = copy.copy(src)
+                continue
+            inputs, values = self.captured[i]
+            if src.seen != inputs.keys.shape[-2]:
+                raise RuntimeError("derive() takes a cache holding only the captured prompt, nothing appended")
+            inputs = dataclasses.replace(inputs, window=window)
+            dst.lazy_initialization(inputs.keys, values)
+            dst.keys, dst.values = inputs.keys, values
+            dst.seen = inputs.keys.shape[-2]
+            stats.append(self._select(dst, inputs, values, method, config, profile))
+        self.stats = stats
+        self._cache = new
+        return new
 
     def cache_kwargs(self, cache: SnapKVCache) -> dict[str, SnapKVCache]:
         """``{name: cache}`` with the cache keyword of the installed transformers."""
@@ -238,31 +288,46 @@ class SnapKVSession:
         kwargs: dict[str, Any],
     ) -> None:
         b, _, length, _ = key.shape
-        key_valid = key_valid_from_mask(attention_mask, b, length)
-        real = key_valid.sum(-1).tolist() if key_valid is not None else [length] * b
-        rank = self.full_layers.index(module.layer_idx)
-        kept = []
-        for n in real:
-            k = self.config.kept_tokens(n, self.window)
-            if k < n:
-                k = min(n, layer_budget(self.layer_profile, k, self.window, rank, len(self.full_layers)))
-            kept.append(k)
-        layer.prefilled = True
-        full_bytes = 2 * key.numel() * key.element_size()
-        if kept == real:  # every row fits its budget: the layer stays as it is
-            self.stats.append(LayerStats(module.layer_idx, real, kept, full_bytes, full_bytes))
-            return
         inputs = ScoreInputs(
             queries=query,
             keys=key,
-            key_valid=key_valid,
+            key_valid=key_valid_from_mask(attention_mask, b, length),
             window=self.window,
             scaling=kwargs.get("scaling", module.scaling),
             softcap=kwargs.get("softcap"),
             layer_idx=module.layer_idx,
         )
+        if self.capture:
+            layer.prefilled = True
+            self.captured[module.layer_idx] = (inputs, value)
+            return
+        self.stats.append(self._select(layer, inputs, value, self.method, self.config, self.layer_profile))
+
+    def _select(
+        self,
+        layer: CompressedLayer,
+        inputs: ScoreInputs,
+        values: torch.Tensor,
+        method: Method,
+        config: SnapKVConfig,
+        profile: str,
+    ) -> LayerStats:
+        """Compress one layer's prompt in place of its full KV; returns what was done."""
+        key, window = inputs.keys, inputs.window
+        b, _, length, _ = key.shape
+        real = inputs.key_valid.sum(-1).tolist() if inputs.key_valid is not None else [length] * b
+        rank = self.full_layers.index(inputs.layer_idx)
+        kept = []
+        for n in real:
+            k = config.kept_tokens(n, window)
+            if k < n:
+                k = min(n, layer_budget(profile, k, window, rank, len(self.full_layers)))
+            kept.append(k)
+        layer.prefilled = True
+        full_bytes = 2 * key.numel() * key.element_size()
+        if kept == real:  # every row fits its budget: the layer stays as it is
+            return LayerStats(inputs.layer_idx, real, kept, full_bytes, full_bytes)
         n_keep = torch.tensor(kept, device=key.device)
-        new_k, new_v, sel = self.method.compress(inputs, value, n_keep)
+        new_k, new_v, sel = method.compress(inputs, values, n_keep)
         layer.replace(new_k, new_v, sel.pad, sel.indices.to(torch.int32))
-        after = 2 * new_k.numel() * new_k.element_size()
-        self.stats.append(LayerStats(module.layer_idx, real, kept, full_bytes, after))
+        return LayerStats(inputs.layer_idx, real, kept, full_bytes, 2 * new_k.numel() * new_k.element_size())
