@@ -1,0 +1,228 @@
+"""Layer-bounded prefill: one row at a time, one layer's full KV alive at a time.
+
+For each row and layer:
+
+1. keys and values of the whole prompt, computed in chunks of ``chunk`` rows;
+2. queries chunk by chunk, attending bottom-right-causally to the keys so far; the attention
+   output and then the MLP update the residual stream in place (so activations never exceed
+   one chunk); the observation window's queries are kept as they pass;
+3. the layer is scored and selected with the project's :class:`~snapkv.methods.Method`
+   (the fused Triton votes when available), its kept K/V are written into the static cache,
+   and its full K/V are freed before the next layer.
+
+Only the last position's logits are computed. The model's own modules are called with their
+own weights; nothing is copied or patched.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from snapkv.config import SnapKVConfig
+from snapkv.core.budgets import layer_budget
+from snapkv.core.scoring import pool_votes
+from snapkv.core.selection import gather_positions, select_topk
+from snapkv.generation.adapter import DecoderParts
+from snapkv.generation.attention import causal_chunk_attention
+from snapkv.generation.static_cache import StaticKVCache
+from snapkv.methods.base import Method, ScoreInputs
+from snapkv.methods.snapkv import SnapKV
+
+try:  # the fused scoring kernel (Triton on CUDA, torch twin elsewhere), when it is installed
+    from snapkv.kernels.dispatch import reduced_window_votes
+except ImportError:  # pragma: no cover - exercised only without the kernels package
+    reduced_window_votes = None
+
+
+class PhaseTimer:
+    """Sums the time of named phases: CUDA events on a GPU (no sync until :meth:`totals`)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.events: dict[str, list[tuple[object, object]]] = {}
+        self._open: tuple[str, object] | None = None
+
+    def _mark(self) -> object:
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def start(self, name: str) -> None:
+        """Close the open phase (if any) and open ``name``."""
+        mark = self._mark()
+        if self._open is not None:
+            self.events.setdefault(self._open[0], []).append((self._open[1], mark))
+        self._open = (name, mark)
+
+    def stop(self) -> None:
+        """Close the open phase."""
+        if self._open is not None:
+            self.start("_")
+            self._open = None
+
+    def totals(self) -> dict[str, float]:
+        """Milliseconds per phase (synchronizes once)."""
+        self.stop()
+        if self.cuda:
+            torch.cuda.synchronize()
+        out = {}
+        for name, spans in self.events.items():
+            if name == "_":
+                continue
+            if self.cuda:
+                out[name] = sum(a.elapsed_time(b) for a, b in spans)
+            else:
+                out[name] = 1000.0 * sum(b - a for a, b in spans)
+        return out
+
+
+@dataclass
+class PrefillStats:
+    """What one prefill did: lengths, kept tokens per layer and row, and time per phase."""
+
+    prompt_lengths: list[int]
+    kept: list[list[int]]
+    phase_ms: dict[str, float] = field(default_factory=dict)
+
+
+def kept_per_layer(
+    config: SnapKVConfig | None, length: int, num_layers: int, profile: str = "uniform"
+) -> list[int]:
+    """Tokens each layer keeps of a ``length``-token prompt (all of them without a config)."""
+    if config is None:
+        return [length] * num_layers
+    base = config.kept_tokens(length, config.window)
+    if base >= length:
+        return [length] * num_layers
+    return [min(length, layer_budget(profile, base, config.window, r, num_layers)) for r in range(num_layers)]
+
+
+def select_layer(
+    method: Method, inputs: ScoreInputs, values: torch.Tensor, keep: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kept ``keys, values [1, Hkv, keep, D]`` of one layer (fused votes for plain SnapKV)."""
+    n_keep = torch.tensor([keep])
+    if type(method) is SnapKV and reduced_window_votes is not None:
+        # Same steps as SnapKV.score, with the votes from the fused kernel when on CUDA.
+        w = inputs.window
+        votes = reduced_window_votes(  # [1, Hkv, L] fp32
+            inputs.queries[:, :, -w:],
+            inputs.keys,
+            None,
+            scaling=inputs.scaling,
+            softcap=inputs.softcap,
+            gqa_reduce=method.gqa_reduce,
+            chunk_size=method.chunk_size,
+        )
+        prefix = votes.shape[-1] - w
+        votes[..., :prefix] = pool_votes(votes[..., :prefix].contiguous(), method.kernel, method.pooling)
+        sel = select_topk(votes, n_keep, w, None)
+        return gather_positions(inputs.keys, sel.indices), gather_positions(values, sel.indices)
+    k, v, _ = method.compress(inputs, values, n_keep)
+    return k, v
+
+
+def _prefill_row(
+    parts: DecoderParts,
+    ids: torch.Tensor,
+    cache: StaticKVCache,
+    row: int,
+    kept: Sequence[int],
+    method: Method,
+    window: int,
+    chunk: int,
+    backend: str,
+    timer: PhaseTimer,
+    num_layers: int,
+) -> torch.Tensor:
+    """Prefill one prompt ``ids [n]``; write its kept K/V into ``cache`` row ``row``; last logits ``[V]``."""
+    n = ids.numel()
+    hkv, d = parts.num_kv_heads, parts.head_dim
+    positions = torch.arange(n, device=ids.device)[None]  # [1, n]
+    timer.start("embed")
+    x = parts.embed(ids[None])  # [1, n, H]: the residual stream, updated in place
+    spans = [(s, min(n, s + chunk)) for s in range(0, n, chunk)]
+    for li in range(num_layers):
+        layer = parts.layers[li]
+        attn = layer.self_attn
+        keys = torch.empty((1, hkv, n, d), dtype=x.dtype, device=x.device)
+        values = torch.empty_like(keys)
+        timer.start("kv")
+        for s, e in spans:
+            h = layer.input_layernorm(x[:, s:e])
+            cos, sin = parts.rope(h, positions[:, s:e])
+            keys[:, :, s:e], values[:, :, s:e] = parts.keys_values(li, h, cos, sin)
+        compress = kept[li] < n
+        w = min(window, n)
+        q_win = torch.empty((1, parts.num_heads, w, d), dtype=x.dtype, device=x.device) if compress else None
+        for s, e in spans:
+            timer.start("attention")
+            h = layer.input_layernorm(x[:, s:e])
+            cos, sin = parts.rope(h, positions[:, s:e])
+            q = parts.queries(li, h, cos, sin)  # [1, Hq, c, D]
+            if q_win is not None and e > n - w:  # keep the window's queries as they pass
+                lo = max(s, n - w)
+                q_win[:, :, lo - (n - w) : e - (n - w)] = q[:, :, lo - s :]
+            o = causal_chunk_attention(q, keys[:, :, :e], values[:, :, :e], parts.scaling, backend)
+            x[:, s:e] += attn.o_proj(o.transpose(1, 2).reshape(1, e - s, -1))
+            timer.start("mlp")
+            x[:, s:e] += layer.mlp(layer.post_attention_layernorm(x[:, s:e]))
+        timer.start("score")
+        if q_win is not None:
+            inputs = ScoreInputs(q_win, keys, None, w, parts.scaling, None, li)
+            keys, values = select_layer(method, inputs, values, kept[li])
+        timer.start("cache")
+        cache.load(li, row, keys[0], values[0])
+        del keys, values  # this layer's full KV is gone before the next layer starts
+    timer.start("logits")
+    logits = parts.lm_head(parts.norm(x[:, -1:]))[0, -1]  # [V]
+    timer.stop()
+    return logits
+
+
+def prefill(
+    parts: DecoderParts,
+    rows: Sequence[torch.Tensor],
+    cache: StaticKVCache,
+    *,
+    config: SnapKVConfig | None,
+    method: Method,
+    layer_profile: str = "uniform",
+    chunk: int = 8192,
+    backend: str = "ref",
+    num_layers: int | None = None,
+) -> tuple[torch.Tensor, PrefillStats]:
+    """Prefill every row into ``cache`` (sized by the caller) and return the last logits ``[B, V]``.
+
+    Args:
+        parts: the model's modules.
+        rows: one 1-D tensor of token ids per row (no padding).
+        cache: a static cache with ``len(rows)`` rows and enough prompt slots.
+        config: window and budget, or None to keep every prompt token.
+        method: how each layer scores its prompt positions.
+        layer_profile: ``"uniform"`` or ``"pyramid"`` budgets across layers.
+        chunk: rows of queries (and MLP rows) processed at once.
+        backend: prefill attention backend (see :mod:`snapkv.generation.attention`).
+        num_layers: run only the first layers (benchmarks of peak memory at full shape); the
+            remaining layers' cache slots stay empty and the logits are not meaningful.
+    """
+    depth = parts.num_layers if num_layers is None else num_layers
+    window = config.window if config is not None else 1
+    timer = PhaseTimer(parts.device)
+    logits = []
+    kept_all = []
+    for row, ids in enumerate(rows):
+        n = ids.numel()
+        kept = kept_per_layer(config, n, parts.num_layers, layer_profile)
+        kept_all.append(kept)
+        logits.append(_prefill_row(parts, ids, cache, row, kept, method, window, chunk, backend, timer, depth))
+        cache.set_prompt_length(row, n)
+    stats = PrefillStats([r.numel() for r in rows], [list(k) for k in zip(*kept_all, strict=True)])
+    stats.phase_ms = timer.totals()
+    return torch.stack(logits), stats

@@ -1,0 +1,152 @@
+"""A preallocated KV cache for compressed prompts plus the tokens generated after them.
+
+Layout (one allocation per tensor, written in place, never reallocated)::
+
+    keys, values  [layers, B, Hkv, capacity, D]
+    bias          [layers, B, capacity] fp32: 0 where a slot holds a token, -inf elsewhere
+    write_pos     [1] int64: the slot the next decoded token is written to (same for all rows)
+    positions     [B] int64: the RoPE position of each row's next token
+
+Each row's kept prompt tokens sit right-aligned in slots ``[P - kept, P)`` of its layer, so the
+first decoded token of every row lands in slot ``P`` and all rows advance together; rows that
+keep fewer tokens (shorter prompts, or another layer budget) have masked filler slots in front.
+Positions continue from each row's original prompt length, not from the compressed length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeState:
+    """Saved decode counters, to rewind a cache to an earlier step (benchmarks, capture)."""
+
+    host_pos: int
+    write_pos: torch.Tensor
+    positions: torch.Tensor
+
+
+class StaticKVCache:
+    """Per-layer K/V buffers sized once for ``prompt_slots + max_new_tokens`` slots.
+
+    Args:
+        num_layers: decoder layers.
+        batch: rows.
+        num_kv_heads: KV heads per layer.
+        head_dim: head width.
+        prompt_slots: ``P``, slots reserved for the kept prompt tokens of the longest row.
+        max_new_tokens: slots reserved for generated tokens.
+        dtype: K/V dtype (the model's).
+        device: where the buffers live.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        batch: int,
+        num_kv_heads: int,
+        head_dim: int,
+        prompt_slots: int,
+        max_new_tokens: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        for name, v in (("num_layers", num_layers), ("batch", batch), ("prompt_slots", prompt_slots)):
+            if v < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        self.prompt_slots = prompt_slots
+        self.capacity = prompt_slots + max_new_tokens
+        shape = (num_layers, batch, num_kv_heads, self.capacity, head_dim)
+        # Zeros, not empty: masked slots get probability 0, and 0 * NaN garbage would still be NaN.
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.bias = torch.full((num_layers, batch, self.capacity), float("-inf"), device=device)
+        self.write_pos = torch.full((1,), prompt_slots, dtype=torch.long, device=device)
+        self.positions = torch.zeros(batch, dtype=torch.long, device=device)
+        self.host_pos = prompt_slots  # host mirror of write_pos: bounds checks without a sync
+        self.prompt_lengths = [0] * batch
+        self.kept = [[0] * batch for _ in range(num_layers)]
+
+    # -- shape -------------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        """Decoder layers."""
+        return self.keys.shape[0]
+
+    @property
+    def batch(self) -> int:
+        """Rows."""
+        return self.keys.shape[1]
+
+    @property
+    def remaining(self) -> int:
+        """Tokens that can still be appended."""
+        return self.capacity - self.host_pos
+
+    def kv_bytes(self) -> int:
+        """Bytes allocated for keys and values (the whole capacity)."""
+        return 2 * self.keys.numel() * self.keys.element_size()
+
+    def kept_bytes(self) -> int:
+        """Bytes of the kept prompt tokens (all layers and rows, no filler, no free slots)."""
+        per_token = 2 * self.keys.shape[2] * self.keys.shape[4] * self.keys.element_size()
+        return per_token * sum(sum(row) for row in self.kept)
+
+    # -- filling (prefill) -------------------------------------------------------------------
+    def load(self, layer: int, row: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write one row's kept prompt K/V ``[Hkv, n, D]`` right-aligned into the prompt slots."""
+        n = keys.shape[-2]
+        if n > self.prompt_slots:
+            raise ValueError(f"{n} kept tokens exceed the {self.prompt_slots} prompt slots of this cache")
+        start = self.prompt_slots - n
+        self.keys[layer, row, :, start : self.prompt_slots].copy_(keys)
+        self.values[layer, row, :, start : self.prompt_slots].copy_(values)
+        self.bias[layer, row, :start] = float("-inf")
+        self.bias[layer, row, start : self.prompt_slots] = 0.0
+        self.kept[layer][row] = n
+
+    def set_prompt_length(self, row: int, length: int) -> None:
+        """Record a row's original prompt length: its first decoded token takes this position."""
+        self.prompt_lengths[row] = length
+        self.positions[row] = length
+
+    # -- decoding (capturable: no host sync, fixed shapes) ------------------------------------
+    def open_slot(self) -> None:
+        """Unmask slot ``write_pos`` in every layer and row: the new token attends to itself."""
+        self.bias.index_fill_(2, self.write_pos, 0.0)
+
+    def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write one decoded token's K/V ``[B, Hkv, 1, D]`` into slot ``write_pos``, in place."""
+        self.keys[layer].index_copy_(2, self.write_pos, keys)
+        self.values[layer].index_copy_(2, self.write_pos, values)
+
+    def advance(self) -> None:
+        """Move to the next slot and position (device counters, in place)."""
+        self.write_pos.add_(1)
+        self.positions.add_(1)
+
+    # -- host bookkeeping ----------------------------------------------------------------------
+    def check_room(self, steps: int = 1) -> None:
+        """Raise before a decode step would write past the capacity."""
+        if self.host_pos + steps > self.capacity:
+            raise RuntimeError(
+                f"static cache full: capacity {self.capacity} slots ({self.prompt_slots} prompt + "
+                f"{self.capacity - self.prompt_slots} new); raise max_new_tokens"
+            )
+
+    def state(self) -> DecodeState:
+        """The decode counters now."""
+        return DecodeState(self.host_pos, self.write_pos.clone(), self.positions.clone())
+
+    def rewind(self, state: DecodeState) -> None:
+        """Go back to ``state``: later slots are masked again (their stale K/V stay unseen)."""
+        self.write_pos.copy_(state.write_pos)
+        self.positions.copy_(state.positions)
+        self.bias[:, :, state.host_pos :] = float("-inf")
+        self.host_pos = state.host_pos
