@@ -177,6 +177,7 @@ def ragged_attention(
     *,
     scaling: float,
     softcap: float | None = None,
+    use_kernel: bool | None = None,
 ) -> torch.Tensor:
     """Append the new tokens to ``layer`` and attend to each head's segment: the decode step.
 
@@ -186,6 +187,8 @@ def ragged_attention(
         new_key: ``[B, Hkv, q, D]`` post-RoPE keys of the new tokens.
         new_value: ``[B, Hkv, q, D]`` their values.
         scaling: logit scale; softcap: logit soft-cap or None.
+        use_kernel: force the Triton kernel (True) or the torch twin (False); None picks the
+            kernel on CUDA.
 
     Returns:
         ``[B, q, Hq, D]``, the layout HF attention functions return. With ``q > 1`` each
@@ -206,6 +209,7 @@ def ragged_attention(
             max_len=layer.max_capacity,
             scaling=scaling,
             softcap=softcap,
+            use_kernel=use_kernel,
         )  # [B, Hq, D]
         outs.append(out)
     return torch.stack(outs, dim=1)  # [B, q, Hq, D]

@@ -22,6 +22,8 @@ import triton
 import triton.language as tl
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: At most this many splits per head: bounds the fp32 partials at ``B * Hq * 64 * D`` floats.
+MAX_SPLITS = 64
 _SM_COUNT: dict[int, int] = {}
 
 
@@ -96,18 +98,31 @@ def _ragged_decode_combine(
     pid = tl.program_id(0)
     b = pid // HQ
     hq = pid % HQ
-    offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    s_mask = offs_s < NUM_SPLITS
     d_mask = offs_d < D
-    lse = tl.load(MidLse + b * stride_lb + hq * stride_lh + offs_s, mask=s_mask, other=float("-inf"))
-    m = tl.max(lse, 0)
+    lse_base = MidLse + b * stride_lb + hq * stride_lh
+    o_base = MidO + b * stride_ob + hq * stride_oh
+    # Largest log-sum-exp over the splits, then their weighted sum, BLOCK_S splits at a time.
+    m_vec = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
+    for s0 in range(0, NUM_SPLITS, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        lse = tl.load(lse_base + offs_s, mask=offs_s < NUM_SPLITS, other=float("-inf"))
+        m_vec = tl.maximum(m_vec, lse)
+    m = tl.max(m_vec, 0)
     m_safe = tl.where(m > float("-inf"), m, 0.0)
-    w = tl.where(lse > float("-inf"), tl.exp(lse - m_safe), 0.0)  # [BLOCK_S]
-    o_ptrs = MidO + b * stride_ob + hq * stride_oh + offs_s[:, None] * stride_os + offs_d[None, :]
-    o = tl.load(o_ptrs, mask=s_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_S, BLOCK_D]
-    total = tl.sum(w, 0)
-    out = tl.sum(o * w[:, None], 0) / tl.where(total > 0.0, total, 1.0)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    total = tl.zeros([BLOCK_S], dtype=tl.float32)
+    for s0 in range(0, NUM_SPLITS, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        s_mask = offs_s < NUM_SPLITS
+        lse = tl.load(lse_base + offs_s, mask=s_mask, other=float("-inf"))
+        w = tl.where(lse > float("-inf"), tl.exp(lse - m_safe), 0.0)  # [BLOCK_S]
+        o_ptrs = o_base + offs_s[:, None] * stride_os + offs_d[None, :]
+        o = tl.load(o_ptrs, mask=s_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_S, BLOCK_D]
+        acc += tl.sum(o * w[:, None], 0)
+        total += w
+    denom = tl.sum(total, 0)
+    out = acc / tl.where(denom > 0.0, denom, 1.0)
     tl.store(Out + b * stride_outb + hq * stride_outh + offs_d, out.to(Out.dtype.element_ty), mask=d_mask)
 
 
@@ -160,6 +175,8 @@ def ragged_decode_attention(
     softcap: float | None = None,
     num_splits: int | None = None,
     block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """One query token per row attends to its heads' ragged K/V segments.
 
@@ -171,8 +188,10 @@ def ragged_decode_attention(
         max_len: host upper bound of ``lengths`` (tokens past it are not read); keep it fixed
             (e.g. the cache's capacity) so the launch grid does not change between steps.
         sm_scale: logit scale; softcap: logit soft-cap (``softcap * tanh(x / softcap)``) or None.
-        num_splits: sequence splits per head (default: enough programs for twice the SMs).
+        num_splits: splits of the longest head (default: splits of equal length so that the
+            buffer's ``S`` slots make about two programs per SM, at most :data:`MAX_SPLITS`).
         block_n: keys per inner block (default 64, 32 for head dims above 128).
+        num_warps, num_stages: Triton launch options of the split pass (None: Triton's).
 
     Returns:
         ``[B, Hq, D]`` in ``q``'s dtype; accumulation is fp32.
@@ -189,12 +208,15 @@ def ragged_decode_attention(
         raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
     n_blocks = max(1, triton.cdiv(max_len, block_n))
     if num_splits is None:
-        num_splits = triton.cdiv(2 * _sm_count(q.device), max(1, b * hkv))
+        # Equal-length splits sized on the whole buffer, so skewed heads still spread evenly.
+        per_split = triton.cdiv(triton.cdiv(k.shape[0], 2 * _sm_count(q.device)), block_n)
+        num_splits = min(MAX_SPLITS, triton.cdiv(n_blocks, max(1, per_split)))
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     num_splits = min(num_splits, n_blocks)
     split = triton.cdiv(n_blocks, num_splits) * block_n
     num_splits = max(1, triton.cdiv(max_len, split))
+    launch = {k_: v_ for k_, v_ in (("num_warps", num_warps), ("num_stages", num_stages)) if v_ is not None}
 
     mid_o = torch.empty((b, hq, num_splits, d), dtype=torch.float32, device=q.device)
     mid_lse = torch.empty((b, hq, num_splits), dtype=torch.float32, device=q.device)
@@ -211,12 +233,13 @@ def ragged_decode_attention(
         BLOCK_G=max(16, triton.next_power_of_2(g)), BLOCK_N=block_n, BLOCK_D=block_d,
         HAS_SOFTCAP=softcap is not None, UPCAST=interp and q.dtype != torch.float32,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        **launch,
     )
     _ragged_decode_combine[(b * hq,)](
         mid_o, mid_lse, out,
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         out.stride(0), out.stride(1), num_splits,
         HQ=hq, D=d,
-        BLOCK_S=max(2, triton.next_power_of_2(num_splits)), BLOCK_D=block_d,
+        BLOCK_S=min(32, max(2, triton.next_power_of_2(num_splits))), BLOCK_D=block_d,
     )
     return out
