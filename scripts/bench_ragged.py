@@ -1,0 +1,242 @@
+"""Ragged decode attention against dense uniform decode attention at equal total kept tokens.
+
+    python scripts/bench_ragged.py --out bench_ragged.json [--budgets 1024 2048 4096] [--batch 1 8]
+
+One layer of a Llama-3-8B shape (32 query / 8 KV heads, head dim 128, bf16). For each batch
+and budget ``P`` (tokens per KV head of uniform SnapKV, so ``B * 8 * P`` kept tokens):
+
+* dense uniform: keys/values ``[B, Hkv, P + slack, D]``, attention over the ``P + 1`` filled
+  slots by SDPA (GQA packed as ``[B, Hkv, G, D]`` queries, and with ``enable_gqa``), and by the
+  engine's static-cache ``decode_attention`` (matmul over all slots with a bias mask);
+* ragged: the same total in a :class:`~snapkv.cache.ragged.RaggedLayer`, every head at ``P``
+  ("ragged_uniform") and heads skewed as head-adaptive selection makes them ("ragged_skewed":
+  a floor of ``32 + 0.2 (P - 32)`` per head, the rest split by a Dirichlet(0.3) draw per row).
+
+Times are medians in microseconds from ``triton.testing.do_bench`` (eager launches) and
+``do_bench_cudagraph`` (launch overhead removed, as in the captured decode loop), for attention
+alone and for a decode step (append the new token in place, then attend; the append is undone
+after each call so every call sees the same lengths). Memory: bytes the layer reports and the
+allocator's measured growth. Not a test; writes one JSON file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import snapkv  # noqa: F401
+except ImportError:  # run from a checkout without installing
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from snapkv.cache.ragged import RaggedLayer  # noqa: E402
+from snapkv.core.adaptive import RaggedSelection  # noqa: E402
+from snapkv.kernels.decode_ragged import ragged_decode_attention  # noqa: E402
+from snapkv.kernels.ragged_ref import ragged_decode_reference  # noqa: E402
+
+HQ, HKV, D, WINDOW = 32, 8, 128, 32
+DEVICE = "cuda"  # a CPU smoke run (Triton interpreter) may override it
+
+
+def _median_us(fn: Callable[[], Any], graph: bool) -> float:
+    from triton.testing import do_bench, do_bench_cudagraph
+
+    if graph:
+        return 1000 * do_bench_cudagraph(fn, rep=50, return_mode="median")
+    return 1000 * do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def skewed_lengths(b: int, budget: int, gen: torch.Generator, alpha: float = 0.2, conc: float = 0.3) -> torch.Tensor:
+    """``[B, Hkv]`` per-head kept counts summing to ``Hkv * budget`` per row, floor per head."""
+    floor = WINDOW + int(alpha * (budget - WINDOW))
+    rest = HKV * (budget - floor)
+    share = torch.distributions.Dirichlet(torch.full((HKV,), conc)).sample((b,))  # [B, Hkv]
+    extra = (share * rest).floor().long()
+    extra[:, 0] += rest - extra.sum(-1)  # exact row totals
+    return (floor + extra).to(torch.int32)
+
+
+def _selection(lengths: torch.Tensor, length: int, device: torch.device) -> RaggedSelection:
+    """Each head keeps its first ``lengths[b, h]`` positions of a ``length``-token prompt."""
+    b, h = lengths.shape
+    flat = lengths.view(-1).long()
+    seg = torch.arange(b * h).repeat_interleave(flat)
+    offsets = flat.cumsum(0) - flat
+    idx = torch.arange(int(flat.sum())) - offsets[seg]
+    return RaggedSelection(idx.to(device), seg.to(device), lengths.to(device), offsets.view(b, h).to(device), length)
+
+
+def _held(build: Callable[[], Any]) -> tuple[Any, int]:
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    obj = build()
+    torch.cuda.synchronize()
+    return obj, torch.cuda.memory_allocated() - before
+
+
+def bench_config(batch: int, budget: int, slack: int, dtype: torch.dtype, seed: int = 0) -> dict[str, Any]:
+    """All variants for one batch and budget."""
+    dev = torch.device(DEVICE)
+    gen = torch.Generator().manual_seed(seed)
+    g = HQ // HKV
+    scaling = D**-0.5
+    cap = budget + slack
+    q = torch.randn(batch, HQ, D, generator=gen).to(dev, dtype)
+    new_k = torch.randn(batch, HKV, 1, D, generator=gen).to(dev, dtype)
+    new_v = torch.randn(batch, HKV, 1, D, generator=gen).to(dev, dtype)
+    res: dict[str, Any] = {"batch": batch, "budget": budget, "slack": slack, "kept_tokens": batch * HKV * budget}
+    kv_read = 2 * batch * HKV * (budget + 1) * D * q.element_size()
+
+    # Dense uniform: a static cache with P + 1 tokens filled (the prompt plus the new one).
+    def build_dense() -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.randn(batch, HKV, cap, D, device=dev, dtype=dtype),
+                torch.randn(batch, HKV, cap, D, device=dev, dtype=dtype))
+
+    (dk, dv), dense_held = _held(build_dense)
+    pos = torch.full((1,), budget, dtype=torch.long, device=dev)
+    bias = torch.full((batch, cap), float("-inf"), device=dev)
+    bias[:, : budget + 1] = 0.0
+    qp = q.view(batch, HKV, g, D)
+
+    def sdpa_packed() -> torch.Tensor:
+        return F.scaled_dot_product_attention(qp, dk[:, :, : budget + 1], dv[:, :, : budget + 1], scale=scaling)
+
+    def sdpa_gqa() -> torch.Tensor:
+        return F.scaled_dot_product_attention(q[:, :, None], dk[:, :, : budget + 1], dv[:, :, : budget + 1],
+                                              scale=scaling, enable_gqa=True)
+
+    def dense_step(attn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        def step() -> torch.Tensor:
+            dk.index_copy_(2, pos, new_k)
+            dv.index_copy_(2, pos, new_v)
+            pos.add_(1)
+            out = attn()
+            pos.sub_(1)
+            return out
+        return step
+
+    variants: dict[str, Callable[[], torch.Tensor]] = {"sdpa_packed": sdpa_packed, "sdpa_gqa": sdpa_gqa}
+    try:
+        from snapkv.generation.attention import decode_attention
+
+        variants["engine_static"] = lambda: decode_attention(q[:, :, None], dk, dv, bias, scaling)
+    except ImportError:
+        pass
+
+    # Ragged layers with the same total: uniform heads, and skewed heads.
+    layouts = {"ragged_uniform": torch.full((batch, HKV), budget, dtype=torch.int32),
+               "ragged_skewed": skewed_lengths(batch, budget, gen)}
+    layers: dict[str, RaggedLayer] = {}
+    for name, lengths in layouts.items():
+        longest = int(lengths.max())
+        src_k = torch.randn(batch, HKV, longest, D, device=dev, dtype=dtype)
+        src_v = torch.randn(batch, HKV, longest, D, device=dev, dtype=dtype)
+        sel = _selection(lengths, longest, dev)
+        layer, held = _held(partial(RaggedLayer.from_selection, src_k, src_v, sel, slack))
+        del src_k, src_v
+        layer.append(new_k, new_v)  # P + 1 tokens, like the dense variants
+        layers[name] = layer
+        kept_plus_slack = 2 * (batch * HKV * budget + batch * HKV * slack) * D * q.element_size()
+        res[f"{name}_memory"] = {"bytes": layer.bytes(), "kv_bytes": layer.kv_bytes(), "held": held,
+                                 "kept_plus_slack": kept_plus_slack,
+                                 "held_over_kept_plus_slack": held / kept_plus_slack,
+                                 "longest_head": int(lengths.max()), "shortest_head": int(lengths.min())}
+
+        def attn(layer: RaggedLayer = layer) -> torch.Tensor:
+            return ragged_decode_attention(q, layer.keys, layer.values, layer.starts, layer.lengths,
+                                           max_len=layer.max_capacity, sm_scale=scaling)
+
+        variants[name] = attn
+        out = attn()
+        ref = ragged_decode_reference(q, layer.keys, layer.values, layer.starts, layer.lengths, scaling=scaling)
+        res[f"{name}_max_rel_err"] = float((out.float() - ref.float()).abs().max() / ref.float().abs().max())
+    res["dense_memory"] = {"bytes": 2 * dk.numel() * dk.element_size(), "held": dense_held}
+
+    def ragged_step(layer: RaggedLayer, attn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        def step() -> torch.Tensor:
+            layer.append(new_k, new_v)
+            out = attn()
+            layer.lengths.sub_(1)
+            layer.appended -= 1
+            return out
+        return step
+
+    times: dict[str, dict[str, float]] = {}
+    for name, attn in variants.items():
+        step = ragged_step(layers[name], attn) if name in layers else dense_step(attn)
+        t = {"attn_us": _median_us(attn, False), "attn_graph_us": _median_us(attn, True),
+             "step_us": _median_us(step, False), "step_graph_us": _median_us(step, True)}
+        t["attn_graph_gbps"] = kv_read / (t["attn_graph_us"] * 1e3)
+        times[name] = t
+    res["times"] = times
+    best_dense = min(times[n]["step_graph_us"] for n in ("sdpa_packed", "sdpa_gqa", "engine_static") if n in times)
+    res["ragged_over_best_dense_step_graph"] = {n: times[n]["step_graph_us"] / best_dense for n in layers}
+    return res
+
+
+def sweep(batch: int, budget: int, slack: int, dtype: torch.dtype) -> list[dict[str, Any]]:
+    """Kernel launch parameters on the skewed layout (attention alone, graph-timed)."""
+    dev = torch.device(DEVICE)
+    gen = torch.Generator().manual_seed(1)
+    lengths = skewed_lengths(batch, budget, gen)
+    longest = int(lengths.max())
+    src = torch.randn(batch, HKV, longest, D, device=dev, dtype=dtype)
+    layer = RaggedLayer.from_selection(src, src, _selection(lengths, longest, dev), slack)
+    q = torch.randn(batch, HQ, D, device=dev, dtype=dtype)
+    rows = []
+    for block_n in (32, 64, 128):
+        for num_warps in (4, 8):
+            for num_splits in (None, 8, 32, 64):
+                def attn(block_n: int = block_n, num_warps: int = num_warps, num_splits: Any = num_splits) -> Any:
+                    return ragged_decode_attention(q, layer.keys, layer.values, layer.starts, layer.lengths,
+                                                   max_len=layer.max_capacity, sm_scale=D**-0.5, block_n=block_n,
+                                                   num_warps=num_warps, num_splits=num_splits)
+                try:
+                    us = _median_us(attn, True)
+                except Exception as e:  # a launch configuration the GPU rejects
+                    rows.append({"block_n": block_n, "num_warps": num_warps, "num_splits": num_splits, "error": str(e)})
+                    continue
+                rows.append({"batch": batch, "budget": budget, "block_n": block_n, "num_warps": num_warps,
+                             "num_splits": num_splits, "attn_graph_us": us})
+    return rows
+
+
+def main() -> None:
+    """Parse arguments, run every configuration, write JSON."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="JSON file to write")
+    p.add_argument("--budgets", type=int, nargs="+", default=[1024, 2048, 4096])
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--slack", type=int, default=256)
+    p.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
+    p.add_argument("--no-sweep", action="store_true", help="skip the launch-parameter sweep")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_ragged needs CUDA")
+    dtype = getattr(torch, args.dtype)
+    result: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                              "shape": {"Hq": HQ, "Hkv": HKV, "D": D, "dtype": args.dtype}, "configs": []}
+    for b in args.batch:
+        for budget in args.budgets:
+            r = bench_config(b, budget, args.slack, dtype)
+            result["configs"].append(r)
+            t = r["times"]
+            line = ", ".join(f"{n} {v['step_graph_us']:.1f}us" for n, v in t.items())
+            print(f"B={b} P={budget} (decode step, graph): {line}", flush=True)
+    if not args.no_sweep:
+        result["sweep"] = [row for b in args.batch for row in sweep(b, 2048, args.slack, dtype)]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
