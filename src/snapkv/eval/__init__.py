@@ -1,0 +1,1 @@
+"""Offline long-context evaluation: RULER-style tasks, baselines, runner, report and plots."""

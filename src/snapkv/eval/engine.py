@@ -1,0 +1,220 @@
+"""One sample, many settings: a captured prefill, then a derived cache and a greedy decode per setting.
+
+Prefills per sample (each at most once, only when a requested setting needs it):
+
+* the whole prompt, captured: full cache and every ``query``-mode setting;
+* the context alone, captured: every ``context``-mode setting. On a model whose layers are
+  all full-attention, this is read off the whole-prompt capture (causal attention makes the
+  context's queries, keys and values a prefix of the prompt's), so it costs nothing;
+* the context plus :data:`PROBE_TEXT`, captured: ``probe`` settings. SnapKV votes with the
+  probe as its window, then the probe's slots are cut from every layer before the question.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from snapkv.cache.compressed import CompressedLayer, SnapKVCache
+from snapkv.config import SnapKVConfig
+from snapkv.eval.methods import METHODS, PROBE_TEXT, CachedScores
+from snapkv.eval.tasks import Codec, Sample
+from snapkv.integration.hf import SnapKVSession
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One evaluated setting of a sample."""
+
+    method: str
+    mode: str
+    budget: int | float | None  # None for the full cache
+
+    @property
+    def budget_label(self) -> str:
+        """The budget as written in records (``full`` for the full cache)."""
+        return "full" if self.budget is None else str(self.budget)
+
+
+@dataclass
+class Outcome:
+    """What one setting produced."""
+
+    setting: Setting
+    prediction: str
+    new_tokens: int
+    kept_tokens: float
+    derive_s: float
+    decode_s: float
+
+
+def _ids(ids: Sequence[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor([list(ids)], dtype=torch.long, device=device)
+
+
+def _positions(start: int, n: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(start, start + n, device=device)[None]
+
+
+class Prefill:
+    """A captured prefill of ``ids`` inside a session: the source cache and its snapshot."""
+
+    def __init__(self, model: torch.nn.Module, session: SnapKVSession, ids: Sequence[int]) -> None:
+        device = next(model.parameters()).device
+        t0 = time.perf_counter()
+        self.cache = session.new_cache()
+        out = model(input_ids=_ids(ids, device), position_ids=_positions(0, len(ids), device),
+                    **session.cache_kwargs(self.cache))
+        self.seconds = time.perf_counter() - t0
+        self.logits = out.logits[:, -1].float()
+        self.captured = dict(session.captured)
+        self.snap = self.cache.snapshot()
+        self.length = len(ids)
+        self.methods: dict[str, CachedScores] = {}  # scores memoized per scorer for this prefill
+
+
+def all_full_attention(cache: SnapKVCache) -> bool:
+    """Whether every layer is a compressible full-attention layer (prefix views are exact)."""
+    return all(isinstance(layer, CompressedLayer) for layer in cache.layers)
+
+
+def prefix_view(pre: Prefill, config: Any, length: int) -> Prefill:
+    """The capture of the first ``length`` prompt tokens, read off a longer capture (all-full models)."""
+    view = copy.copy(pre)
+    view.cache = SnapKVCache(config=config)
+    view.captured = {}
+    for i, (inputs, values) in pre.captured.items():
+        kv = inputs.key_valid[:, :length] if inputs.key_valid is not None else None
+        view.captured[i] = (
+            dataclasses.replace(inputs, queries=inputs.queries[:, :, :length], keys=inputs.keys[:, :, :length],
+                                key_valid=kv),
+            values[:, :, :length],
+        )
+        view.cache.layers[i].seen = length
+    view.length, view.logits, view.methods = length, None, {}
+    return view
+
+
+def _derive(session: SnapKVSession, pre: Prefill, setting: Setting, window: int, extra: int = 0) -> SnapKVCache:
+    m = METHODS[setting.method]
+    scorer = "snapkv" if m.name == "pyramidkv" else m.name  # same votes, other layer budgets
+    if scorer not in pre.methods:
+        pre.methods[scorer] = CachedScores(m.make())
+    budget = setting.budget
+    if isinstance(budget, int):
+        budget += extra
+    saved = session.captured
+    session.captured = pre.captured
+    try:
+        return session.derive(pre.cache, method=pre.methods[scorer], config=SnapKVConfig(budget=budget, window=window),
+                              layer_profile=m.profile, window=window)
+    finally:
+        session.captured = saved
+
+
+def _cut_tail(cache: SnapKVCache, n: int, sliding_from: SnapKVCache | None) -> None:
+    """Drop the last ``n`` slots (the probe) of every full layer; sliding layers come from ``sliding_from``."""
+    for i, layer in enumerate(cache.layers):
+        if isinstance(layer, CompressedLayer):
+            layer.keys, layer.values = layer.keys[:, :, :-n], layer.values[:, :, :-n]
+            if layer.positions is not None:
+                layer.positions = layer.positions[:, :, :-n]
+            layer.seen -= n
+        elif sliding_from is not None:
+            cache.layers[i] = copy.copy(sliding_from.layers[i])
+        else:
+            raise RuntimeError("probe mode on a model with sliding layers needs the context prefill")
+
+
+def _kept(session: SnapKVSession, length: int) -> float:
+    if not session.stats:
+        return float(length)
+    return sum(s.kept_tokens[0] for s in session.stats) / len(session.stats)
+
+
+def greedy(
+    model: torch.nn.Module, session: SnapKVSession, cache: SnapKVCache, logits: torch.Tensor, start: int,
+    max_new: int, eos: frozenset[int],
+) -> list[int]:
+    """Greedy tokens from ``logits`` (the last prompt position's), continuing at position ``start``."""
+    device = logits.device
+    out: list[int] = []
+    tok = int(logits.argmax(-1)[0])
+    for i in range(max_new):
+        out.append(tok)
+        if tok in eos or i == max_new - 1:
+            break
+        step = model(input_ids=_ids([tok], device), position_ids=_positions(start + i, 1, device),
+                     **session.cache_kwargs(cache))
+        tok = int(step.logits[0, -1].argmax())
+    return [t for t in out if t not in eos]
+
+
+def evaluate_sample(
+    model: torch.nn.Module,
+    codec: Codec,
+    sample: Sample,
+    settings: Sequence[Setting],
+    *,
+    window: int = 32,
+    max_new_tokens: int | None = None,
+) -> Iterator[tuple[Outcome, float]]:
+    """Yield ``(outcome, prefill seconds)`` for each setting, sharing prefills as described above."""
+    max_new = min(sample.max_new_tokens, max_new_tokens or sample.max_new_tokens)
+    length, lc = len(sample.input_ids), len(sample.context_ids)
+    question = sample.question_ids
+    with torch.no_grad(), SnapKVSession(model, SnapKVConfig(window=window), capture=True) as session:
+        full = Prefill(model, session, sample.input_ids)
+        ctx: Prefill | None = None
+        probe: Prefill | None = None
+        probe_ids = codec.encode(PROBE_TEXT)
+        for st in settings:
+            full.cache.restore(full.snap)  # drop tokens a previous setting appended
+            t0 = time.perf_counter()
+            if st.mode == "query":
+                pre, shared = full, full.seconds
+                if st.budget is None:
+                    session.activate(full.cache)
+                    cache = full.cache
+                    session.stats = []
+                else:
+                    cache = _derive(session, full, st, window)
+                logits, start = full.logits, length
+            else:
+                if ctx is None:
+                    if all_full_attention(full.cache):
+                        ctx = prefix_view(full, model.config, lc)
+                    else:
+                        ctx = Prefill(model, session, sample.context_ids)
+                if st.mode == "context":
+                    pre, shared = ctx, ctx.seconds if ctx.logits is not None else 0.0
+                    cache = _derive(session, ctx, st, window)
+                else:
+                    if probe is None:
+                        probe = Prefill(model, session, sample.context_ids + probe_ids)
+                    pre, shared = probe, probe.seconds
+                    g = len(probe_ids)
+                    cache = _derive(session, probe, st, g, extra=g)
+                    sliding = None if all_full_attention(cache) else ctx.cache
+                    _cut_tail(cache, g, sliding)
+                    session.activate(cache)
+                derive_s = time.perf_counter() - t0
+                out = model(input_ids=_ids(question, full.logits.device),
+                            position_ids=_positions(lc, len(question), full.logits.device),
+                            **session.cache_kwargs(cache))
+                logits, start = out.logits[:, -1].float(), length
+            kept = _kept(session, pre.length)
+            if st.mode == "query":
+                derive_s = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            toks = greedy(model, session, cache, logits, start, max_new, codec.eos)
+            decode_s = time.perf_counter() - t1
+            if st.mode == "probe":
+                kept = min(kept - len(probe_ids), float(lc))
+            yield Outcome(st, codec.decode(toks), len(toks), kept, derive_s, decode_s), shared

@@ -1,0 +1,132 @@
+"""Evaluated methods by name: each is a selection :class:`~snapkv.methods.Method` plus a layer profile.
+
+``full`` keeps the whole cache (the reference). Every other method selects from the same
+captured prefill, so one prefill per sample serves all of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from snapkv.core.scoring import reduce_gqa
+from snapkv.methods import H2O, Method, RandomSelect, SnapKV, StreamingLLM
+from snapkv.methods.base import ScoreInputs
+
+
+class CachedScores(Method):
+    """Memoizes another method's scores per layer and window: budgets change only the top-k.
+
+    One instance serves one captured prefill; every budget derived from it reuses the scores.
+    """
+
+    def __init__(self, inner: Method) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self._memo: dict[tuple[int, int, int, int], torch.Tensor] = {}
+
+    def score(self, inputs: ScoreInputs) -> torch.Tensor:
+        key = (inputs.layer_idx, inputs.window, inputs.keys.shape[-2], inputs.queries.shape[-2])
+        if key not in self._memo:
+            self._memo[key] = self.inner.score(inputs)
+        return self._memo[key]
+
+
+class ChunkedH2O(H2O):
+    """:class:`~snapkv.methods.H2O` whose query chunks are reshaped, not viewed.
+
+    ``H2O.score`` calls ``.view`` on a slice of fp32 queries, which fails for prompts longer
+    than one chunk; this twin computes the same accumulated attention with ``reshape``.
+    """
+
+    def score(self, inputs: ScoreInputs) -> torch.Tensor:
+        q, k = inputs.queries, inputs.keys
+        b, hq, lq, d = q.shape
+        _, hkv, length, _ = k.shape
+        if lq != length:
+            raise ValueError(f"H2O needs every prefill query ({length}), got {lq}")
+        g = hq // hkv
+        acc = torch.zeros((b, hkv, g, length), device=k.device)
+        kf = k.float()
+        key_pos = torch.arange(length, device=k.device)
+        for start in range(0, lq, self.chunk_size):
+            qc = q[:, :, start : start + self.chunk_size].float()  # [B, Hq, C, D]
+            c = qc.shape[2]
+            logits = torch.matmul(qc.reshape(b, hkv, g * c, d), kf.transpose(-1, -2)) * inputs.scaling
+            if inputs.softcap is not None:
+                logits = torch.tanh(logits / inputs.softcap) * inputs.softcap
+            q_pos = start + torch.arange(c, device=k.device).repeat(g)
+            allowed = (key_pos[None, :] <= q_pos[:, None])[None, None]
+            if inputs.key_valid is not None:
+                allowed = allowed & inputs.key_valid[:, None, None, :]
+            probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
+            acc += probs.view(b, hkv, g, c, length).sum(3)
+        return reduce_gqa(acc.view(b, hq, length), hkv, self.gqa_reduce)
+
+
+@dataclass(frozen=True)
+class EvalMethod:
+    """A named evaluation method.
+
+    Attributes:
+        name: command-line name.
+        make: builds the selection method (None for the full cache).
+        profile: layer budget profile (``uniform`` or ``pyramid``).
+        uses_queries: whether scores come from prompt queries (so a probe window can help).
+    """
+
+    name: str
+    make: Callable[[], Method] | None
+    profile: str = "uniform"
+    uses_queries: bool = False
+
+
+METHODS: dict[str, EvalMethod] = {
+    "full": EvalMethod("full", None),
+    "snapkv": EvalMethod("snapkv", lambda: SnapKV(kernel=7, pooling="max"), "uniform", True),
+    "pyramidkv": EvalMethod("pyramidkv", lambda: SnapKV(kernel=7, pooling="max"), "pyramid", True),
+    "streaming": EvalMethod("streaming", lambda: StreamingLLM(sinks=4)),
+    "random": EvalMethod("random", lambda: RandomSelect(seed=0)),
+    "h2o": EvalMethod("h2o", lambda: ChunkedH2O(), "uniform", True),
+}
+
+#: ``query``: the question is in the prompt when the cache is compressed (the paper's setting).
+#: ``context``: the context alone is compressed, the question comes afterwards.
+#: ``probe``: context-only, but a generic question appended to the context votes, then is dropped.
+MODES: tuple[str, ...] = ("query", "context", "probe")
+
+#: The generic observation window of ``probe`` mode (task-agnostic).
+PROBE_TEXT = (
+    "\nQuestion: What are the special numbers, keys, names, values and words stated in the text above? "
+    "Recall them exactly."
+)
+
+
+def resolve_methods(names: Sequence[str]) -> list[str]:
+    """Check method names (``all`` expands); ``ValueError`` names the unknown ones."""
+    out: list[str] = []
+    for n in names:
+        for m in METHODS if n == "all" else (n,):
+            if m not in METHODS:
+                raise ValueError(f"unknown method {m!r}; choose from {sorted(METHODS)} or 'all'")
+            if m not in out:
+                out.append(m)
+    return out
+
+
+def resolve_modes(names: Sequence[str]) -> list[str]:
+    """Check mode names; ``ValueError`` names the unknown ones."""
+    for n in names:
+        if n not in MODES:
+            raise ValueError(f"unknown mode {n!r}; choose from {list(MODES)}")
+    return list(dict.fromkeys(names))
+
+
+def applies(method: str, mode: str) -> bool:
+    """Whether ``method`` is evaluated in ``mode`` (``full`` only once; ``probe`` needs query votes)."""
+    m = METHODS[method]
+    if m.make is None:
+        return mode == "query"
+    return mode != "probe" or m.uses_queries and method != "h2o"
