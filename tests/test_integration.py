@@ -1,0 +1,200 @@
+"""SnapKVSession as a user meets it: batches, scoping, errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import AttentionInterface, DynamicCache
+from transformers.masking_utils import AttentionMaskInterface
+
+from snapkv import SnapKVCache, SnapKVConfig, SnapKVSession
+from snapkv.integration.hf import cache_argument
+from tiny_models import left_padded, tiny_model
+
+pytestmark = pytest.mark.usefixtures("no_grad")
+
+
+def _snapkv_keys() -> list[str]:
+    return [
+        k
+        for mapping in (AttentionInterface._global_mapping, AttentionMaskInterface._global_mapping)
+        for k in mapping
+        if "snapkv" in k
+    ]
+
+
+def _generate(model, ids, mask, steps, **kwargs):
+    return model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=steps,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        **kwargs,
+    )
+
+
+# -- batches ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", ["llama", "gemma3", "qwen2"])
+@pytest.mark.parametrize("pooling", ["max", "avg"])
+def test_left_padded_batch_equals_rows_alone(family, impl, pooling):
+    """A compressed batch of different lengths decodes each row as if it ran alone."""
+    lengths = [44, 35, 26, 14]  # the last row fits the budget: it keeps everything
+    ids, mask = left_padded(lengths, seed=5)
+    cfg = SnapKVConfig(budget=20, window=6, kernel=5, pooling=pooling)
+    steps = 5
+    model = tiny_model(family, impl)
+    with SnapKVSession(model, cfg) as session:
+        cache = session.new_cache()
+        batch = _generate(model, ids, mask, steps, **session.cache_kwargs(cache))
+        full = [i for i, layer in enumerate(cache.layers) if not layer.is_sliding]
+        assert cache.compressed_layers() == full and full
+        for i in full:  # each row keeps min(length, budget) prompt tokens plus the generated ones
+            kept = cache.layers[i].slot_valid().sum(-1)
+            assert kept.tolist() == [min(n, cfg.budget) + steps - 1 for n in lengths]
+        batch_logits = torch.stack(batch.logits, 1)  # [B, steps, V]
+        for row, n in enumerate(lengths):
+            alone_ids, alone_mask = ids[row : row + 1, -n:], mask[row : row + 1, -n:]
+            alone = _generate(model, alone_ids, alone_mask, steps, **session.cache_kwargs(session.new_cache()))
+            assert torch.equal(alone.sequences[0, n:], batch.sequences[row, ids.shape[1] :]), f"row {row}"
+            torch.testing.assert_close(torch.stack(alone.logits, 1)[0], batch_logits[row], rtol=1e-5, atol=1e-5)
+
+
+def test_fraction_budget_keeps_a_share_of_each_row():
+    model = tiny_model("llama")
+    lengths = [40, 30]
+    ids, mask = left_padded(lengths, seed=6)
+    with SnapKVSession(model, SnapKVConfig(budget=0.5, window=4)) as session:
+        cache = session.new_cache()
+        model(input_ids=ids, attention_mask=mask, **session.cache_kwargs(cache))
+        for layer in cache.layers:
+            assert layer.slot_valid().sum(-1).tolist() == [math.ceil(0.5 * n) for n in lengths]
+        assert [s.kept_tokens for s in session.stats] == [[20, 15]] * 2
+        assert [s.prompt_tokens for s in session.stats] == [lengths] * 2
+        assert all(s.bytes_after < s.bytes_before for s in session.stats)
+
+
+def test_cache_kwargs_uses_the_installed_keyword():
+    model = tiny_model("llama")
+    with SnapKVSession(model, SnapKVConfig(budget=20, window=4)) as session:
+        cache = session.new_cache()
+        assert session.cache_kwargs(cache) == {cache_argument(model): cache}
+        assert isinstance(cache, SnapKVCache)
+
+
+# -- no global state left behind ----------------------------------------------------------------
+
+
+def test_session_leaves_no_global_state():
+    model = tiny_model("gemma3")
+    ids, mask = left_padded([30, 21], seed=7)
+    before_keys = _snapkv_keys()
+    attn_before = dict(AttentionInterface._global_mapping)
+    mask_before = dict(AttentionMaskInterface._global_mapping)
+    ref = model(input_ids=ids, attention_mask=mask).logits
+    with SnapKVSession(model, SnapKVConfig(budget=12, window=4)) as session:
+        assert model.config._attn_implementation != "sdpa"
+        assert len(_snapkv_keys()) == len(before_keys) + 2
+        cache = session.new_cache()
+        inside = model(input_ids=ids, attention_mask=mask, **session.cache_kwargs(cache)).logits
+        torch.testing.assert_close(inside, ref, rtol=0, atol=1e-6)  # the prefill sees the full prompt
+    assert _snapkv_keys() == before_keys == []
+    assert dict(AttentionInterface._global_mapping) == attn_before
+    assert dict(AttentionMaskInterface._global_mapping) == mask_before
+    assert model.config._attn_implementation == "sdpa"
+    after = model(input_ids=ids, attention_mask=mask)
+    assert torch.equal(after.logits, ref)
+    assert type(after.past_key_values) is DynamicCache
+    # decoding outside the session after a compressed run is the plain model again
+    gen_after = _generate(model, ids, mask, 3)
+    gen_fresh = _generate(tiny_model("gemma3"), ids, mask, 3)
+    assert torch.equal(gen_after.sequences, gen_fresh.sequences)
+
+
+def test_exception_inside_session_restores():
+    model = tiny_model("llama", "eager")
+    ids, mask = left_padded([25], seed=8)
+    ref = model(input_ids=ids, attention_mask=mask).logits
+    with pytest.raises(KeyError, match="boom"):
+        with SnapKVSession(model, SnapKVConfig(budget=10, window=4)) as session:
+            model(input_ids=ids, attention_mask=mask, **session.cache_kwargs(session.new_cache()))
+            raise KeyError("boom")
+    assert _snapkv_keys() == []
+    assert model.config._attn_implementation == "eager"
+    assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, ref)
+
+
+def test_sessions_can_be_reentered_and_stacked_in_sequence():
+    model = tiny_model("qwen3")
+    ids, mask = left_padded([30], seed=9)
+    outs = []
+    for _ in range(2):
+        with SnapKVSession(model, SnapKVConfig(budget=12, window=4)) as session:
+            outs.append(_generate(model, ids, mask, 4, **session.cache_kwargs(session.new_cache())))
+        assert _snapkv_keys() == []
+    assert torch.equal(outs[0].sequences, outs[1].sequences)
+    torch.testing.assert_close(torch.stack(outs[0].logits), torch.stack(outs[1].logits), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_plain_cache_inside_session_raises(family):
+    model = tiny_model(family)
+    ids, mask = left_padded([24], seed=10)
+    with SnapKVSession(model, SnapKVConfig(budget=12, window=4)) as session:
+        with pytest.raises(RuntimeError, match="SnapKV"):
+            model(input_ids=ids, attention_mask=mask, **{cache_argument(model): DynamicCache(config=model.config)})
+        with pytest.raises(RuntimeError, match="SnapKV"):
+            model(input_ids=ids, attention_mask=mask)  # the model builds its own DynamicCache
+        with pytest.raises(RuntimeError, match="SnapKV"):
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+        with pytest.raises(RuntimeError, match="SnapKV"):
+            _generate(model, ids, mask, 2)
+        session.new_cache()  # a session cache exists, but this forward does not use it
+        with pytest.raises(RuntimeError, match="SnapKV"):
+            model(input_ids=ids, attention_mask=mask, **{cache_argument(model): DynamicCache(config=model.config)})
+    assert _snapkv_keys() == []
+
+
+def test_new_cache_outside_session_raises():
+    session = SnapKVSession(tiny_model("llama"), SnapKVConfig(budget=12, window=4))
+    with pytest.raises(RuntimeError, match="inside"):
+        session.new_cache()
+
+
+# -- unsupported models -----------------------------------------------------------------------
+
+
+def test_unsupported_attention_implementation_raises():
+    model = tiny_model("llama")
+    name = "snapkv_test_unsupported"
+    AttentionInterface.register(name, AttentionInterface._global_mapping["sdpa"])
+    AttentionMaskInterface.register(name, AttentionMaskInterface._global_mapping["sdpa"])
+    try:
+        model.set_attn_implementation(name)
+        with pytest.raises(ValueError, match="attention implementation"):
+            SnapKVSession(model, SnapKVConfig(budget=12, window=4))
+    finally:
+        AttentionInterface._global_mapping.pop(name, None)
+        AttentionMaskInterface._global_mapping.pop(name, None)
+    assert model.config._attn_implementation == name  # construction changed nothing
+
+
+def test_flex_attention_model_raises():
+    try:
+        model = tiny_model("llama", "flex_attention")
+    except (ImportError, ValueError, RuntimeError) as exc:  # pragma: no cover - depends on the torch build
+        pytest.skip(f"flex_attention not constructible here: {exc}")
+    with pytest.raises(ValueError, match="flex_attention"):
+        SnapKVSession(model, SnapKVConfig(budget=12, window=4))
+    assert _snapkv_keys() == []
+
+
+def test_bad_layer_profile_raises():
+    with pytest.raises(ValueError, match="layer_profile"):
+        SnapKVSession(tiny_model("llama"), SnapKVConfig(budget=12, window=4), layer_profile="flat")
