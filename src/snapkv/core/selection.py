@@ -55,7 +55,9 @@ def select_topk(
     if key_valid is not None:
         scores.masked_fill_(~key_valid[:, None, :], float("-inf"))
     p = int(n_keep.max())
-    top_vals, top_idx = scores.topk(p, dim=-1)  # [B, H, P], best first
+    # Stable sort, not topk: among tied scores (max pooling makes many) the earlier position wins,
+    # whatever padding precedes the row, so a padded batch row selects as it would alone.
+    top_vals, top_idx = (t[..., :p] for t in scores.sort(dim=-1, descending=True, stable=True))  # [B, H, P]
     rank = torch.arange(p, device=scores.device)
     keep = (rank[None, None, :] < n_keep[:, None, None].to(scores.device)) & (top_vals > float("-inf"))
     # Filler slots sort first (key -1), kept positions follow in increasing order.

@@ -73,7 +73,7 @@ class H2O(Method):
         for start in range(0, lq, self.chunk_size):
             qc = q[:, :, start : start + self.chunk_size].float()  # [B, Hq, C, D]
             c = qc.shape[2]
-            logits = torch.matmul(qc.view(b, hkv, g * c, d), kf.transpose(-1, -2)) * inputs.scaling
+            logits = torch.matmul(qc.reshape(b, hkv, g * c, d), kf.transpose(-1, -2)) * inputs.scaling
             if inputs.softcap is not None:
                 logits = torch.tanh(logits / inputs.softcap) * inputs.softcap
             q_pos = start + torch.arange(c, device=k.device).repeat(g)
