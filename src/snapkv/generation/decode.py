@@ -86,9 +86,10 @@ class DecodeRunner:
         self.use_graph = device.type == "cuda" if use_graph is None else use_graph
         if self.use_graph and device.type != "cuda":
             raise ValueError("use_graph=True needs the cache on a CUDA device")
-        self.tokens = torch.zeros(cache.batch, dtype=torch.long, device=device)
-        self.next_tokens = torch.zeros_like(self.tokens)
-        self.logits = torch.zeros(cache.batch, parts.vocab_size, dtype=parts.dtype, device=device)
+        with torch.inference_mode(False):  # plain tensors, like the cache's
+            self.tokens = torch.zeros(cache.batch, dtype=torch.long, device=device)
+            self.next_tokens = torch.zeros_like(self.tokens)
+            self.logits = torch.zeros(cache.batch, parts.vocab_size, dtype=parts.dtype, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.pool = pool
         self.capture_s = 0.0
@@ -100,6 +101,7 @@ class DecodeRunner:
         self.next_tokens.copy_(nxt)
         self.tokens.copy_(nxt)
 
+    @torch.inference_mode()
     def capture(self, warmup: int = 2) -> None:
         """Warm up on a side stream, rewind, and capture one step (no-op without graphs)."""
         if not self.use_graph or self.graph is not None:
@@ -125,10 +127,12 @@ class DecodeRunner:
         torch.cuda.synchronize()
         self.capture_s = time.perf_counter() - t0
 
+    @torch.inference_mode()
     def feed(self, tokens: torch.Tensor) -> None:
         """Set the tokens the next step consumes (``[B]``), e.g. the prefill's first tokens."""
         self.tokens.copy_(tokens)
 
+    @torch.inference_mode()
     def step(self) -> torch.Tensor:
         """Decode one token per row; returns the ``[B]`` next-token buffer (overwritten next step)."""
         self.cache.check_room(1)

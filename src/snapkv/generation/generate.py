@@ -152,9 +152,9 @@ class Engine:
         """
         rows = [r.to(self.parts.device) for r in split_rows(input_ids, attention_mask)]
         lengths = [r.numel() for r in rows]
-        cache = self.new_cache(lengths, max_new_tokens)
         oom = None
         try:
+            cache = self.new_cache(lengths, max_new_tokens)  # raises before allocating if it cannot fit
             logits, stats = prefill(
                 self.parts,
                 rows,
@@ -169,7 +169,7 @@ class Engine:
         except torch.OutOfMemoryError as err:
             oom = str(err).splitlines()[0]
         if oom is not None:  # outside the handler, so the failed frames' tensors are already gone
-            del cache
+            cache = None
             _release()
             raise NotEnoughMemoryError(
                 f"out of memory prefilling {len(rows)} prompt(s) of up to {max(lengths)} tokens ({oom}); "

@@ -63,12 +63,13 @@ class StaticKVCache:
         self.prompt_slots = prompt_slots
         self.capacity = prompt_slots + max_new_tokens
         shape = (num_layers, batch, num_kv_heads, self.capacity, head_dim)
-        # Zeros, not empty: masked slots get probability 0, and 0 * NaN garbage would still be NaN.
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
-        self.bias = torch.full((num_layers, batch, self.capacity), float("-inf"), device=device)
-        self.write_pos = torch.full((1,), prompt_slots, dtype=torch.long, device=device)
-        self.positions = torch.zeros(batch, dtype=torch.long, device=device)
+        with torch.inference_mode(False):  # plain tensors: updatable in and out of inference mode
+            # Zeros, not empty: masked slots get probability 0, and 0 * NaN garbage would still be NaN.
+            self.keys = torch.zeros(shape, dtype=dtype, device=device)
+            self.values = torch.zeros(shape, dtype=dtype, device=device)
+            self.bias = torch.full((num_layers, batch, self.capacity), float("-inf"), device=device)
+            self.write_pos = torch.full((1,), prompt_slots, dtype=torch.long, device=device)
+            self.positions = torch.zeros(batch, dtype=torch.long, device=device)
         self.host_pos = prompt_slots  # host mirror of write_pos: bounds checks without a sync
         self.prompt_lengths = [0] * batch
         self.kept = [[0] * batch for _ in range(num_layers)]
@@ -140,10 +141,12 @@ class StaticKVCache:
                 f"{self.capacity - self.prompt_slots} new); raise max_new_tokens"
             )
 
+    @torch.inference_mode()
     def state(self) -> DecodeState:
         """The decode counters now."""
         return DecodeState(self.host_pos, self.write_pos.clone(), self.positions.clone())
 
+    @torch.inference_mode()
     def rewind(self, state: DecodeState) -> None:
         """Go back to ``state``: later slots are masked again (their stale K/V stay unseen)."""
         self.write_pos.copy_(state.write_pos)

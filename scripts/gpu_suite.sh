@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The whole GPU suite in one device call: environment, kernel checks, GPU tests, the benchmark sweep.
+#
+#   set -o pipefail; PYTHONUNBUFFERED=1 bash scripts/gpu_suite.sh 2>&1 | tee $OUT/log.txt
+#
+# Writes under $OUT (default runs/gpu-suite): checks.json, pytest.txt, bench/bench.{json,md,png}.
+# STAGES picks stages (default "env checks tests sweep"); SWEEP_ARGS replaces the sweep's options
+# (default: the gpu preset); SWEEP_BUDGET_S stops starting new sweep points after that many seconds.
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-runs/gpu-suite}"
+mkdir -p "$OUT/bench"
+export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PY="${PYTHON:-python3}"
+STAGES="${STAGES:-env checks tests sweep}"
+SWEEP_ARGS="${SWEEP_ARGS:---preset gpu}"
+SWEEP_BUDGET_S="${SWEEP_BUDGET_S:-420}"
+status=0
+t0=$(date +%s)
+stage() { echo; echo "=== $1 ($(($(date +%s) - t0)) s) ==="; }
+
+if [[ " $STAGES " == *" env "* ]]; then
+  stage env
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv || true
+  "$PY" - <<'PY'
+import torch, transformers, triton, sys
+print("python", sys.version.split()[0], "| torch", torch.__version__, "| cuda", torch.version.cuda,
+      "| transformers", transformers.__version__, "| triton", triton.__version__)
+p = torch.cuda.get_device_properties(0)
+print(p.name, f"{p.total_memory / 2**30:.1f} GiB", p.multi_processor_count, "SMs",
+      "| cudnn", torch.backends.cudnn.version(), "| flash sdp", torch.backends.cuda.flash_sdp_enabled(),
+      "| cudnn sdp", torch.backends.cuda.cudnn_sdp_enabled())
+PY
+fi
+
+if [[ " $STAGES " == *" checks "* ]]; then
+  stage "kernel and engine checks"
+  timeout 300 "$PY" -m snapkv.bench.checks --json "$OUT/checks.json" || status=1
+fi
+
+if [[ " $STAGES " == *" tests "* ]]; then
+  stage "pytest -m gpu, and the engine's own tests"
+  timeout 300 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$OUT/pytest.txt" || status=1
+  timeout 120 "$PY" -m pytest -q -p no:cacheprovider -m "not slow" tests/test_generation.py tests/test_bench.py \
+    2>&1 | tail -3 | tee -a "$OUT/pytest.txt" || status=1
+fi
+
+if [[ " $STAGES " == *" sweep "* ]]; then
+  stage sweep
+  # shellcheck disable=SC2086
+  "$PY" -m snapkv.bench.runner $SWEEP_ARGS --time-budget "$SWEEP_BUDGET_S" --out "$OUT/bench" || status=1
+fi
+
+stage "done, status $status"
+exit $status
