@@ -57,7 +57,7 @@ def _time_ms(fn: Callable[[], Any], reps: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def prefill_attention_checks(backends: tuple[str, ...] = ("flash", "cudnn")) -> None:
+def prefill_attention_checks(backends: tuple[str, ...] = ("flash", "cudnn", "cudnn_gqa")) -> None:
     """Each backend against the fp32 reference on odd shapes, then its speed on one 128K layer."""
     dev = "cuda"
     for backend in backends:

@@ -6,7 +6,8 @@ aligned bottom-right (query ``i`` sees keys ``0 .. S - c + i``). Backends:
 * ``flash``: torch's FlashAttention-2 op; with ``is_causal`` and ``c < S`` it masks bottom-right
   (the same call ``torch.nn.attention.bias.causal_lower_right`` makes) and takes grouped KV heads.
 * ``cudnn``: torch's cuDNN attention in two calls (the prefix without a mask, the chunk's own
-  square block with the causal mask) merged through their log-sum-exps.
+  square block with the causal mask) merged through their log-sum-exps; one call per KV head's
+  group of query heads (``cudnn_gqa``: one call with the grouped heads, where cuDNN takes them).
 * ``ref``: ``scaled_dot_product_attention`` with an explicit mask (CPU, and the tests' twin).
 
 Decode: one query per row against the whole static cache, masked by the cache's additive
@@ -21,7 +22,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-PREFILL_BACKENDS: tuple[str, ...] = ("flash", "cudnn", "ref")
+PREFILL_BACKENDS: tuple[str, ...] = ("flash", "cudnn", "cudnn_gqa", "ref")
 
 
 def default_prefill_backend(device: torch.device) -> str:
@@ -85,9 +86,9 @@ def causal_chunk_attention(
         return causal_chunk_attention_ref(q, k, v, scaling)
     if backend == "flash":
         return _flash(q, k, v, scaling, True)[0]
-    if backend == "cudnn":
-        groups = q.shape[1] // k.shape[1]
-        if groups > 1:  # cuDNN's op takes equal head counts; fold the groups into the query rows
+    if backend in ("cudnn", "cudnn_gqa"):
+        q = q.contiguous()
+        if backend == "cudnn" and q.shape[1] != k.shape[1]:
             return _cudnn_grouped(q, k, v, scaling)
         start = s - c
         o2, lse2 = _cudnn(q, k[:, :, start:], v[:, :, start:], scaling, True)
@@ -134,7 +135,7 @@ def decode_attention(
     """
     b, hq, _, d = q.shape
     hkv = keys.shape[1]
-    qg = q.view(b, hkv, hq // hkv, d)  # query head h = kv * G + g, as repeat_kv orders them
+    qg = q.reshape(b, hkv, hq // hkv, d)  # query head h = kv * G + g, as repeat_kv orders them
     scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * scaling  # [B, Hkv, G, cap]
     scores = scores + bias[:, None, None, :]
     probs = torch.softmax(scores, dim=-1).to(values.dtype)
