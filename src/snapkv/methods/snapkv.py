@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from snapkv.core.scoring import pool_votes, reduce_gqa, window_votes
+from snapkv.core.scoring import pool_votes
+from snapkv.kernels.dispatch import reduced_window_votes
 from snapkv.methods.base import Method, ScoreInputs
 
 
@@ -34,15 +35,16 @@ class SnapKV(Method):
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
         w = inputs.window
         q_win = inputs.queries[:, :, -w:]  # [B, Hq, w, D]
-        votes = window_votes(  # [B, Hq, L]
+        # Steps 1-3: fused Triton kernel on CUDA, the chunked torch twin elsewhere.
+        votes = reduced_window_votes(  # [B, Hkv, L] fp32
             q_win,
             inputs.keys,
             inputs.key_valid,
             scaling=inputs.scaling,
             softcap=inputs.softcap,
+            gqa_reduce=self.gqa_reduce,
             chunk_size=self.chunk_size,
         )
-        votes = reduce_gqa(votes, inputs.keys.shape[1], self.gqa_reduce)  # [B, Hkv, L]
         # Pool the prefix only, as the paper does; the window is kept whole by the base class.
         prefix = votes.shape[-1] - w
         votes[..., :prefix] = pool_votes(votes[..., :prefix].contiguous(), self.kernel, self.pooling)

@@ -1,0 +1,200 @@
+"""Ask questions about long documents with a compressed cache: query-aware or context-only.
+
+* query-aware (the paper's setting, default): the question ends the prompt, inside the
+  observation window, so the window votes with the question in view. A question longer
+  than ``window`` widens the window to cover all of its tokens (they are all kept and all
+  vote); the budget is unchanged and must exceed that widened window, else ``ValueError``.
+* context-only: the context alone is compressed once; any number of questions are then
+  asked against that one cache, which is rolled back after each answer.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from snapkv.cache.compressed import SnapKVCache, Snapshot
+from snapkv.config import SnapKVConfig
+from snapkv.integration.hf import LayerStats, SnapKVSession
+
+MODES: tuple[str, ...] = ("query_aware", "context_only")
+
+
+@dataclass
+class Answer:
+    """One generated answer and what it cost."""
+
+    text: str
+    tokens: list[int]
+    prompt_tokens: int
+    kept_tokens: int | None
+    kv_bytes_full: int
+    kv_bytes_kept: int
+    prefill_s: float
+    decode_s: float
+    layers: list[LayerStats] = field(default_factory=list)
+
+    @property
+    def decode_ms_per_token(self) -> float:
+        """Median-free average decode time per generated token after the first."""
+        return 1000.0 * self.decode_s / max(1, len(self.tokens) - 1)
+
+
+def split_prompt(tokenizer: Any, context: str, question: str, chat: bool | None = None) -> tuple[list[int], list[int]]:
+    """Token ids of the prompt up to the question, and of the question with any chat suffix."""
+    if chat is None:
+        chat = getattr(tokenizer, "chat_template", None) is not None
+    joined = f"{context}\n\n{question}"
+    if chat:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": joined}], tokenize=False,
+                                             add_generation_prompt=True)
+    else:
+        text = joined
+    cut = text.rindex(question)
+    enc = tokenizer(text, add_special_tokens=not chat, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    first_q = next(i for i, (start, end) in enumerate(offsets) if end > cut)
+    return list(ids[:first_q]), list(ids[first_q:])
+
+
+def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
+    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+        eos.append(tokenizer.eos_token_id)
+    return eos
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def _greedy(
+    model: torch.nn.Module, session: SnapKVSession, cache: SnapKVCache, ids: list[int], start: int,
+    max_new_tokens: int, eos: list[int],
+) -> tuple[list[int], float, float]:
+    """Feed ``ids`` at positions ``start...`` then decode greedily; returns tokens, prefill s, decode s."""
+    device = model.device
+    x = torch.tensor([ids], device=device)
+    pos = torch.arange(start, start + len(ids), device=device)[None]
+    _sync(device)
+    t0 = time.perf_counter()
+    logits = model(input_ids=x, position_ids=pos, **session.cache_kwargs(cache)).logits[:, -1]
+    tok = int(logits.argmax(-1))
+    _sync(device)
+    t1 = time.perf_counter()
+    out = [tok]
+    nxt = start + len(ids)
+    while len(out) < max_new_tokens and tok not in eos:
+        step = torch.tensor([[tok]], device=device)
+        where = torch.tensor([[nxt]], device=device)
+        logits = model(input_ids=step, position_ids=where, **session.cache_kwargs(cache)).logits[:, -1]
+        tok = int(logits.argmax(-1))
+        out.append(tok)
+        nxt += 1
+    _sync(device)
+    return out, t1 - t0, time.perf_counter() - t1
+
+
+def _answer(tokenizer: Any, session: SnapKVSession, tokens: list[int], prompt_tokens: int, pre: float,
+            dec: float, eos: list[int]) -> Answer:
+    stats = list(session.stats)
+    full = sum(s.bytes_before for s in stats)
+    kept = sum(s.bytes_after for s in stats)
+    kept_tokens = max((max(s.kept_tokens) for s in stats), default=None)
+    text = tokenizer.decode([t for t in tokens if t not in eos], skip_special_tokens=True).strip()
+    return Answer(text, tokens, prompt_tokens, kept_tokens, full, kept, pre, dec, stats)
+
+
+def answer(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    context: str,
+    question: str,
+    config: SnapKVConfig | None = None,
+    *,
+    max_new_tokens: int = 32,
+    chat: bool | None = None,
+    compress: bool = True,
+) -> Answer:
+    """Answer ``question`` about ``context`` with a query-aware compressed cache (greedy).
+
+    ``compress=False`` runs the same path with the full cache, for side-by-side comparison.
+    """
+    config = config or SnapKVConfig()
+    ctx_ids, q_ids = split_prompt(tokenizer, context, question, chat)
+    window = max(config.window, len(q_ids))
+    if not compress:
+        config = SnapKVConfig(budget=1.0, window=window)
+    elif isinstance(config.budget, int) and config.budget <= window:
+        raise ValueError(
+            f"budget ({config.budget}) must exceed the observation window, which widens to the "
+            f"question's {len(q_ids)} tokens so that none of them is dropped; raise budget above {window}"
+        )
+    eos = _eos_ids(model, tokenizer)
+    with SnapKVSession(model, config) as session:
+        session.window = window
+        cache = session.new_cache()
+        tokens, pre, dec = _greedy(model, session, cache, ctx_ids + q_ids, 0, max_new_tokens, eos)
+        return _answer(tokenizer, session, tokens, len(ctx_ids) + len(q_ids), pre, dec, eos)
+
+
+class ContextCache:
+    """Compress a context once, then ask it many questions (context-only mode).
+
+    Use as a context manager::
+
+        with ContextCache(model, tokenizer, document, SnapKVConfig(budget=512)) as doc:
+            print(doc.ask("Who wrote it?").text)
+            print(doc.ask("When?").text)
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, context: str, config: SnapKVConfig | None = None,
+                 *, chat: bool | None = None) -> None:
+        self.model, self.tokenizer, self.context, self.chat = model, tokenizer, context, chat
+        self.session = SnapKVSession(model, config or SnapKVConfig())
+        self._snap: Snapshot | None = None
+        self.prefill_s = 0.0
+
+    def __enter__(self) -> ContextCache:
+        self.session.__enter__()
+        try:
+            ctx_ids, _ = split_prompt(self.tokenizer, self.context, "?", self.chat)
+            self.context_tokens = len(ctx_ids)
+            self.cache = self.session.new_cache()
+            x = torch.tensor([ctx_ids], device=self.model.device)
+            _sync(self.model.device)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                self.model(input_ids=x, **self.session.cache_kwargs(self.cache))
+            _sync(self.model.device)
+            self.prefill_s = time.perf_counter() - t0
+            self.stats = list(self.session.stats)
+            self._snap = self.cache.snapshot()
+        except BaseException:
+            self.session.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.session.__exit__(*exc)
+
+    def ask(self, question: str, max_new_tokens: int = 32) -> Answer:
+        """Answer one question against the compressed context, then roll the cache back."""
+        if self._snap is None:
+            raise RuntimeError("use ContextCache inside a `with` block")
+        _, q_ids = split_prompt(self.tokenizer, self.context, question, self.chat)
+        eos = _eos_ids(self.model, self.tokenizer)
+        try:
+            tokens, pre, dec = _greedy(self.model, self.session, self.cache, q_ids, self.context_tokens,
+                                       max_new_tokens, eos)
+        finally:
+            self.cache.restore(self._snap)
+        self.session.stats = self.stats
+        return _answer(self.tokenizer, self.session, tokens, self.context_tokens + len(q_ids),
+                       self.prefill_s + pre, dec, eos)
