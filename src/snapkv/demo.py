@@ -55,8 +55,9 @@ def run_demo(
     for n, d in tqdm(jobs, desc="passkey (full vs SnapKV)", unit="sample"):
         key = rng.randrange(10000, 100000)
         ctx = passkey_context(tokenizer, n, d, key)
-        full = answer(model, tokenizer, ctx, QUESTION, config, compress=False, max_new_tokens=max_new_tokens)
-        snap = answer(model, tokenizer, ctx, QUESTION, config, max_new_tokens=max_new_tokens)
+        opts = {"chat": False, "max_new_tokens": max_new_tokens}  # Landmark's plain completion prompt
+        full = answer(model, tokenizer, ctx, QUESTION, config, compress=False, **opts)
+        snap = answer(model, tokenizer, ctx, QUESTION, config, **opts)
         rows.append(DemoRow(n, d, key, full, snap))
     return rows
 
