@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -107,7 +108,9 @@ def _derive(session: SnapKVSession, pre: Prefill, setting: Setting, window: int,
     if scorer not in pre.methods:
         pre.methods[scorer] = CachedScores(m.make())
     budget = setting.budget
-    if isinstance(budget, int):
+    if extra and isinstance(budget, float):  # a fraction of the context, in tokens, plus the probe
+        budget = math.ceil(budget * (pre.length - extra))
+    if extra:
         budget += extra
     saved = session.captured
     session.captured = pre.captured

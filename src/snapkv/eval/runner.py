@@ -195,6 +195,7 @@ def run_plan(args: argparse.Namespace, plan: dict[str, Any], model: Any, codec: 
                     "method": st.method, "mode": st.mode, "budget": st.budget_label,
                     "prompt_hash": sample.prompt_hash, "seed": args.seed, "window": args.window,
                     "depth": sample.depth, "context_tokens": len(sample.context_ids),
+                    "max_new_tokens": min(sample.max_new_tokens, args.max_new_tokens or sample.max_new_tokens),
                     "answers": list(sample.answers), "prediction": out.prediction,
                     "score": TASKS[sample.task].score(out.prediction, sample.answers),
                     "kept_tokens": round(out.kept_tokens, 1), "new_tokens": out.new_tokens,
@@ -226,6 +227,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--report-only", action="store_true", help="only rebuild report and plots from records")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--hitrate", action="store_true",
+                        help="measure the per-layer hit rate of window votes (paper section 3) instead of scores")
+    parser.add_argument("--hitrate-tokens", type=int, default=16, help="generated tokens whose attention is checked")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -236,6 +240,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"snapkv eval: error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out)
+    if args.hitrate:
+        import torch
+
+        from snapkv.eval.hitrate import run_hitrate
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        model, tok = load(args.model)
+        for length in plan["lengths"]:
+            png = run_hitrate(model, Codec.from_hf(tok), Path(args.model).name, plan["tasks"], length, args.samples,
+                              out, window=args.window, new_tokens=args.hitrate_tokens, seed=args.seed)
+            print(f"snapkv eval: hit rates in {png}", file=sys.stderr)
+        return 0
     if not args.report_only:
         import torch
 
