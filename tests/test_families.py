@@ -155,7 +155,7 @@ def test_budget_above_prompt_is_exact(family, impl):
 # -- something removed: attention over exactly the kept keys ------------------------------------
 
 
-def _check_compressed_layers(model, cache, ref, cfg, mask, steps):
+def _check_compressed_layers(model, cache, ref, cfg, mask, appended):
     """Layer types, kept counts, positions and gathered KV of a compressed cache."""
     n_keep = mask.sum(-1).clamp(max=cfg.budget)
     for i, layer in enumerate(cache.layers):
@@ -168,8 +168,8 @@ def _check_compressed_layers(model, cache, ref, cfg, mask, steps):
         b, hkv = k.shape[:2]
         p = layer.positions.shape[-1]
         assert p == int(n_keep.max())
-        assert layer.keys.shape == (b, hkv, p + steps, k.shape[-1])
-        assert torch.equal(layer.slot_valid().sum(-1), n_keep + steps)  # min(L, budget) real + appended
+        assert layer.keys.shape == (b, hkv, p + appended, k.shape[-1])
+        assert torch.equal(layer.slot_valid().sum(-1), n_keep + appended)  # min(L, budget) real + appended
         assert torch.equal(layer.pad, p - n_keep)
         key_valid = mask.bool() if not mask.all() else None
         want = ref_scores(
@@ -201,6 +201,12 @@ def test_compressed_decode_attends_to_exactly_the_kept_keys(family, impl, length
         cache = session.new_cache()
         out, logits, tokens = _greedy_loop(model, ids, mask, cache, steps)
         assert cache.get_seq_length() == ids.shape[1] + steps  # positions continue at the original length
+        # then several tokens in one forward (a follow-up question): causal among themselves
+        chunk = torch.randint(3, 256, (ids.shape[0], 3), generator=torch.Generator().manual_seed(4))
+        chunk_mask = torch.ones(ids.shape[0], ids.shape[1] + steps + 3, dtype=mask.dtype)
+        chunk_mask[:, : ids.shape[1]] = mask
+        chunk_logits = model(input_ids=chunk, attention_mask=chunk_mask, **session.cache_kwargs(cache)).logits
+        assert cache.get_seq_length() == ids.shape[1] + steps + 3
     plain_prefill = model(input_ids=ids, attention_mask=mask).logits[:, -1]
     torch.testing.assert_close(logits[:, 0], plain_prefill, rtol=0, atol=1e-6)  # the prefill saw everything
 
@@ -214,7 +220,7 @@ def test_compressed_decode_attends_to_exactly_the_kept_keys(family, impl, length
             assert cache.compressed_layers() == []
         else:
             assert cache.compressed_layers() == [i for i, lay in enumerate(ref_cache.layers) if not lay.is_sliding]
-        _check_compressed_layers(model, cache, ref, cfg, mask, steps)
+        _check_compressed_layers(model, cache, ref, cfg, mask, steps + 3)
         for i in cache.compressed_layers():
             layer = cache.layers[i]
             kept = torch.zeros(ids.shape[0], layer.keys.shape[1], ids.shape[1], dtype=torch.bool)
@@ -226,6 +232,8 @@ def test_compressed_decode_attends_to_exactly_the_kept_keys(family, impl, length
             m = torch.cat([m, torch.ones_like(tokens[:, :1])], dim=1)
             step = model(input_ids=tokens[:, t : t + 1], attention_mask=m, **_kw(model, ref_cache)).logits[:, -1]
             torch.testing.assert_close(step, logits[:, t + 1], rtol=1e-5, atol=1e-5)
+        ref_chunk = model(input_ids=chunk, attention_mask=chunk_mask, **_kw(model, ref_cache)).logits
+        torch.testing.assert_close(ref_chunk, chunk_logits, rtol=1e-5, atol=1e-5)
     assert ref_cache.get_seq_length() == cache.get_seq_length()
 
     if family not in ("mistral_sw",):  # removing tokens must change something, or the test proves nothing

@@ -10,7 +10,9 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.masking_utils import AttentionMaskInterface
 
 from snapkv import SnapKVCache, SnapKVConfig, SnapKVSession
-from snapkv.integration.hf import cache_argument
+from snapkv.cache.compressed import CompressedLayer
+from snapkv.integration.hf import cache_argument, decode_mask, key_valid_from_mask
+from snapkv.methods import H2O, RandomSelect, StreamingLLM
 from tiny_models import left_padded, tiny_model
 
 pytestmark = pytest.mark.usefixtures("no_grad")
@@ -45,7 +47,7 @@ def _generate(model, ids, mask, steps, **kwargs):
 @pytest.mark.parametrize("pooling", ["max", "avg"])
 def test_left_padded_batch_equals_rows_alone(family, impl, pooling):
     """A compressed batch of different lengths decodes each row as if it ran alone."""
-    lengths = [44, 35, 26, 14]  # the last row fits the budget: it keeps everything
+    lengths = [44, 35, 26, 14, 5]  # the last rows fit the budget; the last is shorter than the window
     ids, mask = left_padded(lengths, seed=5)
     cfg = SnapKVConfig(budget=20, window=6, kernel=5, pooling=pooling)
     steps = 5
@@ -80,12 +82,72 @@ def test_fraction_budget_keeps_a_share_of_each_row():
         assert all(s.bytes_after < s.bytes_before for s in session.stats)
 
 
+@pytest.mark.parametrize(
+    "method", [StreamingLLM(sinks=2), RandomSelect(seed=3), H2O(chunk_size=7)], ids=lambda m: m.name
+)
+def test_other_methods_through_the_session(method):
+    model = tiny_model("qwen2")
+    lengths = [33, 24]
+    ids, mask = left_padded(lengths, seed=11)
+    with SnapKVSession(model, SnapKVConfig(budget=16, window=4), method=method) as session:
+        cache = session.new_cache()
+        gen = _generate(model, ids, mask, 3, **session.cache_kwargs(cache))
+    assert gen.sequences.shape == (2, 36)
+    for layer in cache.layers:
+        assert layer.slot_valid().sum(-1).tolist() == [16 + 2, 16 + 2]
+        pos = layer.positions.long()
+        assert pos[:, :, -4:].tolist() == [[list(range(29, 33))] * 2] * 2  # the window, whole
+        assert (pos[1] >= 9).all()  # row 1's padding is never kept
+    if isinstance(method, StreamingLLM):
+        assert cache.layers[0].positions[:, 0, :2].tolist() == [[0, 1], [9, 10]]
+
+
+def test_pyramid_profile_through_the_session():
+    model = tiny_model("llama")
+    ids, mask = left_padded([60], seed=12)
+    with SnapKVSession(model, SnapKVConfig(budget=24, window=4), layer_profile="pyramid") as session:
+        cache = session.new_cache()
+        model(input_ids=ids, attention_mask=mask, **session.cache_kwargs(cache))
+    kept = [int(layer.slot_valid().sum()) for layer in cache.layers]
+    assert kept[0] > 24 > kept[1] > 4
+    assert sum(kept) == 2 * 24
+
+
 def test_cache_kwargs_uses_the_installed_keyword():
     model = tiny_model("llama")
     with SnapKVSession(model, SnapKVConfig(budget=20, window=4)) as session:
         cache = session.new_cache()
         assert session.cache_kwargs(cache) == {cache_argument(model): cache}
         assert isinstance(cache, SnapKVCache)
+
+
+def test_key_valid_from_mask_formats():
+    valid = torch.tensor([[True] * 5, [False, False, True, True, True]])
+    assert key_valid_from_mask(None, 2, 5) is None
+    assert torch.equal(key_valid_from_mask(valid.long(), 2, 5), valid)
+    causal = torch.tril(torch.ones(5, 5, dtype=torch.bool))
+    bool4d = causal[None, None] & valid[:, None, None, :]
+    assert torch.equal(key_valid_from_mask(bool4d, 2, 5), valid)
+    additive = torch.zeros(2, 1, 5, 5).masked_fill(~bool4d, torch.finfo(torch.float32).min)
+    assert torch.equal(key_valid_from_mask(additive, 2, 5), valid)
+    assert key_valid_from_mask(torch.ones(2, 5), 2, 5) is None  # nothing padded
+    with pytest.raises(ValueError, match="covers"):
+        key_valid_from_mask(valid.long(), 2, 6)
+
+
+def test_decode_mask_formats():
+    layer = CompressedLayer()
+    layer.lazy_initialization(torch.zeros(2, 1, 1, 4), torch.zeros(2, 1, 1, 4))
+    keys = torch.randn(2, 1, 6, 4)  # 4 kept slots (row 1: 1 filler) + 2 appended
+    layer.replace(keys, keys.clone(), torch.tensor([0, 1]), torch.zeros(2, 1, 4, dtype=torch.int32))
+    valid = torch.tensor([[True] * 6, [False] + [True] * 5])
+    assert torch.equal(decode_mask(layer, 2, "2d", torch.float32), valid.long())
+    b = decode_mask(layer, 2, "bool", torch.float32)
+    assert b.shape == (2, 1, 2, 6)
+    assert torch.equal(b[:, 0, 1], valid)  # the last query sees every valid slot
+    assert torch.equal(b[:, 0, 0], valid & (torch.arange(6) < 5))  # the first not the last slot
+    a = decode_mask(layer, 2, "additive", torch.float16)
+    assert a.dtype == torch.float16 and torch.equal(a == 0, b)
 
 
 # -- no global state left behind ----------------------------------------------------------------
@@ -144,19 +206,29 @@ def test_sessions_can_be_reentered_and_stacked_in_sequence():
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_plain_cache_inside_session_raises(family):
+    """Inside a session every forward must use the session's cache: no silent fallback."""
     model = tiny_model(family)
     ids, mask = left_padded([24], seed=10)
+    no_cache = "no SnapKV cache"
     with SnapKVSession(model, SnapKVConfig(budget=12, window=4)) as session:
-        with pytest.raises(RuntimeError, match="SnapKV"):
+        with pytest.raises(RuntimeError, match=no_cache):
             model(input_ids=ids, attention_mask=mask, **{cache_argument(model): DynamicCache(config=model.config)})
-        with pytest.raises(RuntimeError, match="SnapKV"):
+        with pytest.raises(RuntimeError, match=no_cache):
             model(input_ids=ids, attention_mask=mask)  # the model builds its own DynamicCache
-        with pytest.raises(RuntimeError, match="SnapKV"):
+        with pytest.raises(RuntimeError, match=no_cache):
             model(input_ids=ids, attention_mask=mask, use_cache=False)
-        with pytest.raises(RuntimeError, match="SnapKV"):
+        with pytest.raises(RuntimeError, match=no_cache):
             _generate(model, ids, mask, 2)
-        session.new_cache()  # a session cache exists, but this forward does not use it
-        with pytest.raises(RuntimeError, match="SnapKV"):
+        # a compressed session cache exists, but these forwards do not use it
+        used = session.new_cache()
+        _generate(model, ids, mask, 2, **session.cache_kwargs(used))
+        assert used.compressed_layers()
+        with pytest.raises(RuntimeError, match=no_cache):
+            model(input_ids=ids, attention_mask=mask, **{cache_argument(model): DynamicCache(config=model.config)})
+        with pytest.raises(RuntimeError, match=no_cache):
+            _generate(model, ids, mask, 2)
+        session.new_cache()  # a fresh session cache, not passed
+        with pytest.raises(RuntimeError, match=no_cache):
             model(input_ids=ids, attention_mask=mask, **{cache_argument(model): DynamicCache(config=model.config)})
     assert _snapkv_keys() == []
 

@@ -309,3 +309,16 @@ def test_select_topk_simple_example():
     sel = select_topk(scores, torch.tensor([4]), window=2)
     assert sel.indices.tolist() == [[[0, 2, 4, 5]]]
     assert sel.pad.tolist() == [0]
+
+
+def test_case_grid_covers_the_space():
+    """The random grid above exercises every option the reference is meant to check."""
+    seen = {key: {c[key] for c in CASES} for key in ("group", "kernel", "pooling", "reduce", "batch")}
+    assert seen["group"] == {1, 2, 3, 4, 8}
+    assert seen["kernel"] == {1, 3, 5, 7}
+    assert seen["pooling"] == {"max", "avg"} and seen["reduce"] == {"mean", "max"}
+    assert seen["batch"] >= {1, 3}
+    assert any(c["chunk_size"] < c["length"] for c in CASES)
+    assert any(c["length"] % 2 for c in CASES)
+    assert any(c["window"] == 1 for c in CASES) and any(c["window"] == c["length"] - 1 for c in CASES)
+    assert any(c["pad_frac"] > 0 and c["batch"] > 1 for c in CASES)

@@ -50,7 +50,7 @@ def _configs() -> dict[str, tuple[type, type, dict]]:
             dict(
                 num_hidden_layers=2,
                 head_dim=16,
-                query_pre_attn_scalar=16,
+                query_pre_attn_scalar=40,  # scaling differs from head_dim ** -0.5
                 sliding_window=SLIDING_WINDOW,
                 layer_types=["sliding_attention", "full_attention"],
                 attn_logit_softcapping=5.0,  # low enough to change the scores
@@ -63,7 +63,7 @@ def _configs() -> dict[str, tuple[type, type, dict]]:
             dict(
                 num_hidden_layers=3,
                 head_dim=16,
-                query_pre_attn_scalar=16,
+                query_pre_attn_scalar=40,  # scaling differs from head_dim ** -0.5
                 sliding_window=SLIDING_WINDOW,
                 layer_types=["sliding_attention", "full_attention", "sliding_attention"],
             ),
