@@ -108,6 +108,11 @@ def load(model: str) -> tuple[Any, Any]:
     return load_model(model, device="cpu", dtype=torch.float32)
 
 
+def codec_for(tok: Any, prompt_format: str = "auto") -> Codec:
+    """The task codec of a Hugging Face tokenizer in the requested prompt format."""
+    return Codec.from_hf(tok, chat=None if prompt_format == "auto" else prompt_format == "chat")
+
+
 class RecordFile:
     """Append-only JSONL of finished settings, keyed for resumption."""
 
@@ -224,8 +229,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window", type=int, default=32, help="SnapKV observation window")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="cap on generated tokens per answer")
     parser.add_argument("--out", default="results/eval", help="folder for records.jsonl, report.md and plots")
+    parser.add_argument("--prompt-format", choices=("auto", "chat", "plain"), default="auto",
+                        help="chat template framing (auto: when the tokenizer has one) or plain text")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--report-only", action="store_true", help="only rebuild report and plots from records")
+    parser.add_argument("--include", default="", help="comma list of other result folders merged into the report")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("--hitrate", action="store_true",
                         help="measure the per-layer hit rate of window votes (paper section 3) instead of scores")
@@ -249,8 +257,8 @@ def run(args: argparse.Namespace) -> int:
             torch.set_num_threads(args.threads)
         model, tok = load(args.model)
         for length in plan["lengths"]:
-            png = run_hitrate(model, Codec.from_hf(tok), Path(args.model).name, plan["tasks"], length, args.samples,
-                              out, window=args.window, new_tokens=args.hitrate_tokens, seed=args.seed)
+            codec = codec_for(tok, args.prompt_format)
+            png = run_hitrate(model, codec, Path(args.model).name, plan["tasks"], length, args.samples, out, window=args.window, new_tokens=args.hitrate_tokens, seed=args.seed)
             print(f"snapkv eval: hit rates in {png}", file=sys.stderr)
         return 0
     if not args.report_only:
@@ -259,11 +267,11 @@ def run(args: argparse.Namespace) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         model, tok = load(args.model)
-        n = run_plan(args, plan, model, Codec.from_hf(tok))
+        n = run_plan(args, plan, model, codec_for(tok, args.prompt_format))
         print(f"snapkv eval: {n} new records in {out / 'records.jsonl'}", file=sys.stderr)
     from snapkv.eval.report import write_report
 
-    write_report(out)
+    write_report(out, [Path(p) for p in args.include.split(",") if p])
     return 0
 
 
