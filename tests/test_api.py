@@ -1,0 +1,110 @@
+"""The user-facing layer on the real default model: answer(), ContextCache, the CLI, model loading."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from snapkv import SnapKVConfig, SnapKVSession
+from snapkv.api import ContextCache, answer, split_prompt
+from snapkv.cli import main
+from snapkv.demo import QUESTION, passkey_context
+from snapkv.models import load_model, resolve
+from tests.tiny_models import tiny_model
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """The default model (SmolLM2-135M-Instruct), loaded once; dequantized weights are cached on disk."""
+    return load_model("smollm2")
+
+
+def test_default_model_retrieves_passkey_at_2k_with_budget_512(smollm2):
+    model, tok = smollm2
+    ctx = passkey_context(tok, 2048, 0.5, 48213)
+    config = SnapKVConfig(budget=512)
+    full = answer(model, tok, ctx, QUESTION, config, compress=False, chat=False, max_new_tokens=6)
+    snap = answer(model, tok, ctx, QUESTION, config, chat=False, max_new_tokens=6)
+    assert full.prompt_tokens > 1900
+    assert "48213" in full.text
+    assert "48213" in snap.text
+    assert snap.kept_tokens == 512
+    # 30 layers x 3 KV heads x 64 dims x 2 (K, V) x 4 bytes per kept token
+    assert snap.kv_bytes_kept == 30 * 3 * 64 * 2 * 4 * 512
+    assert snap.kv_bytes_full == 30 * 3 * 64 * 2 * 4 * full.prompt_tokens
+
+
+def test_long_question_widens_window_and_keeps_every_question_token(smollm2):
+    model, tok = smollm2
+    ctx = passkey_context(tok, 600, 0.3, 11111)
+    question = " ".join(["Please answer carefully."] * 12) + " " + QUESTION
+    _, q_ids = split_prompt(tok, ctx, question, chat=False)
+    assert len(q_ids) > 32
+    with pytest.raises(ValueError, match="budget .* question"):
+        answer(model, tok, ctx, question, SnapKVConfig(budget=len(q_ids)), chat=False)
+    res = answer(model, tok, ctx, question, SnapKVConfig(budget=len(q_ids) + 64), chat=False, max_new_tokens=2)
+    assert res.kept_tokens == len(q_ids) + 64
+
+
+def test_question_tokens_are_all_in_the_cache(smollm2):
+    model, tok = smollm2
+    ctx = passkey_context(tok, 600, 0.3, 11111)
+    question = " ".join(["Please answer carefully."] * 12) + " " + QUESTION
+    ctx_ids, q_ids = split_prompt(tok, ctx, question, chat=False)
+    ids = torch.tensor([ctx_ids + q_ids])
+    with SnapKVSession(model, SnapKVConfig(budget=len(q_ids) + 16)) as s, torch.no_grad():
+        s.window = len(q_ids)
+        cache = s.new_cache()
+        model(input_ids=ids, **s.cache_kwargs(cache))
+        length = ids.shape[1]
+        for i in s.full_layers:
+            pos = cache.layers[i].positions[0]  # [Hkv, P]
+            assert (pos[:, -len(q_ids):] == torch.arange(length - len(q_ids), length)).all()
+
+
+def test_context_cache_answers_many_questions_and_rolls_back(smollm2):
+    model, tok = smollm2
+    rng = random.Random(3)
+    key = rng.randrange(10000, 99999)
+    ctx = passkey_context(tok, 1500, 0.4, key)
+    with ContextCache(model, tok, ctx, SnapKVConfig(budget=256), chat=False) as doc:
+        first = doc.ask(QUESTION, max_new_tokens=6)
+        other = doc.ask("What color is the sky? The sky is", max_new_tokens=4)
+        again = doc.ask(QUESTION, max_new_tokens=6)
+        seen = [doc.cache.layers[i].seen for i in range(len(doc.cache.layers))]
+    assert first.tokens == again.tokens  # the rollback left the compressed context as it was
+    assert other.tokens != first.tokens
+    assert set(seen) == {doc.context_tokens}
+    assert first.kept_tokens == 256
+
+
+def test_cli_generate_json_and_bad_input(smollm2, tmp_path, capsys):
+    doc = tmp_path / "doc.txt"
+    doc.write_text(passkey_context(smollm2[1], 400, 0.5, 31337))
+    assert main(["generate", str(doc), "--question", QUESTION, "--budget", "128", "--json",
+                 "--max-new-tokens", "3"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["kept_tokens"] == 128 and out["prompt_tokens"] > 128
+    assert main(["generate", str(doc), "--question", "x", "--budget", "16", "--window", "32"]) == 2
+    assert "budget must be greater than window" in capsys.readouterr().err
+    assert main(["generate", str(doc), "--question", "x", "--kernel", "4"]) == 2
+    assert "kernel" in capsys.readouterr().err
+
+
+def test_load_local_folder_and_unknown_name(tmp_path):
+    from transformers import AutoTokenizer
+
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path)
+    tok_src = resolve("smollm2")
+    AutoTokenizer.from_pretrained(tok_src.parent, gguf_file=tok_src.name).save_pretrained(tmp_path)
+    loaded, tok = load_model(str(tmp_path))
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    assert tok.padding_side == "left"
+    with pytest.raises(ValueError, match="model must be one of"):
+        load_model("no-such-model")
