@@ -258,7 +258,8 @@ def run(args: argparse.Namespace) -> int:
         model, tok = load(args.model)
         for length in plan["lengths"]:
             codec = codec_for(tok, args.prompt_format)
-            png = run_hitrate(model, codec, Path(args.model).name, plan["tasks"], length, args.samples, out, window=args.window, new_tokens=args.hitrate_tokens, seed=args.seed)
+            png = run_hitrate(model, codec, Path(args.model).name, plan["tasks"], length, args.samples, out,
+                              window=args.window, new_tokens=args.hitrate_tokens, seed=args.seed)
             print(f"snapkv eval: hit rates in {png}", file=sys.stderr)
         return 0
     if not args.report_only:
