@@ -16,6 +16,8 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from snapkv.cache.ragged import RaggedLayer
+
 
 class CompressedLayer(DynamicLayer):
     """A full-attention cache layer that can be replaced by its kept tokens once.
@@ -25,6 +27,8 @@ class CompressedLayer(DynamicLayer):
         pad: ``[B]`` filler slots at the front of each row, or None before compression.
         positions: ``[B, Hkv, P]`` original positions of the kept prompt tokens, or None.
         compressed: whether the prompt part has been replaced by its selection.
+        ragged: the per-head ragged store when heads keep different counts (head-adaptive
+            budgets); ``keys``/``values`` then hold only the latest new tokens.
     """
 
     def __init__(self, **kwargs: Any) -> None:
@@ -35,11 +39,19 @@ class CompressedLayer(DynamicLayer):
         self.compressed = False
         self.prefilled = False
         self.prompt_length = 0
+        self.ragged: RaggedLayer | None = None
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append new keys/values (``[B, Hkv, q, D]``) and return the whole layer."""
+        """Append new keys/values (``[B, Hkv, q, D]``) and return the whole layer.
+
+        A ragged layer returns only the new tokens: its attention appends them in place.
+        """
+        if self.ragged is not None:
+            self.keys, self.values = key_states, value_states
+            self.seen += key_states.shape[-2]
+            return key_states, value_states
         keys, values = super().update(key_states, value_states, *args, **kwargs)
         self.seen += key_states.shape[-2]
         return keys, values
@@ -56,7 +68,7 @@ class CompressedLayer(DynamicLayer):
     @property
     def physical_length(self) -> int:
         """Slots stored now (kept prompt tokens of the longest row plus appended tokens)."""
-        if not self.is_initialized or self.keys is None or self.keys.numel() == 0:
+        if not self.is_initialized or self.keys is None or self.keys.numel() == 0 or self.ragged is not None:
             return 0
         return self.keys.shape[-2]
 
@@ -66,6 +78,18 @@ class CompressedLayer(DynamicLayer):
         self.keys, self.values, self.pad, self.positions = keys, values, pad, positions
         self.compressed = True
 
+    def replace_ragged(self, ragged: RaggedLayer) -> None:
+        """Swap the full prompt KV for a per-head ragged store (head-adaptive budgets)."""
+        self.prompt_length = self.seen
+        self.ragged, self.keys, self.values = ragged, None, None
+        self.compressed = True
+
+    def kv_bytes(self) -> int:
+        """Bytes of keys and values this layer holds (a ragged store counts its slack too)."""
+        if self.ragged is not None:
+            return self.ragged.bytes()
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values) if isinstance(t, torch.Tensor))
+
     def slot_valid(self, total: int | None = None) -> torch.Tensor:
         """``[B, total]`` bool: False at filler slots."""
         total = self.physical_length if total is None else total
@@ -73,8 +97,13 @@ class CompressedLayer(DynamicLayer):
         pad = self.pad if self.pad is not None else torch.zeros(self.keys.shape[0], dtype=torch.long)
         return slots[None, :] >= pad.to(self.keys.device)[:, None]
 
+    def _no_ragged(self, what: str) -> None:
+        if self.ragged is not None:
+            raise NotImplementedError(f"{what} is not supported with head-adaptive (ragged) budgets")
+
     def crop(self, tokens_to_remove: int) -> None:
         """Remove the last ``-tokens_to_remove`` appended tokens."""
+        self._no_ragged("crop")
         super().crop(tokens_to_remove)
         self.seen -= abs(tokens_to_remove)
 
@@ -83,9 +112,11 @@ class CompressedLayer(DynamicLayer):
         super().reset()
         self.seen, self.pad, self.positions, self.prompt_length = 0, None, None, 0
         self.compressed = self.prefilled = False
+        self.ragged = None
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         """Repeat each row ``repeats`` times (beam search, several samples)."""
+        self._no_ragged("repeating rows")
         super().batch_repeat_interleave(repeats)
         if self.pad is not None:
             self.pad = self.pad.repeat_interleave(repeats, dim=0)
@@ -93,6 +124,7 @@ class CompressedLayer(DynamicLayer):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """Keep only the given rows."""
+        self._no_ragged("selecting rows")
         super().batch_select_indices(indices)
         if self.pad is not None:
             self.pad = self.pad[indices]
@@ -100,6 +132,7 @@ class CompressedLayer(DynamicLayer):
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Reorder rows for beam search."""
+        self._no_ragged("beam search")
         super().reorder_cache(beam_idx)
         if self.pad is not None:
             self.pad = self.pad.index_select(0, beam_idx.to(self.pad.device))
@@ -114,7 +147,12 @@ class Snapshot:
 
 
 _SAVED = ("keys", "values", "is_initialized", "seen", "pad", "positions", "compressed", "prefilled",
-          "prompt_length", "cumulative_length")
+          "prompt_length", "cumulative_length", "ragged")
+
+
+def _ragged_state(layer: Any) -> tuple[torch.Tensor, int] | None:
+    ragged = getattr(layer, "ragged", None)
+    return None if ragged is None else (ragged.lengths.clone(), ragged.appended)
 
 
 class SnapKVCache(DynamicCache):
@@ -136,19 +174,27 @@ class SnapKVCache(DynamicCache):
 
     def snapshot(self) -> Snapshot:
         """State to :meth:`restore` later, e.g. after answering one question of many."""
-        return Snapshot(tuple(tuple(getattr(layer, a, None) for a in _SAVED) for layer in self.layers))
+        return Snapshot(
+            tuple((*(getattr(layer, a, None) for a in _SAVED), _ragged_state(layer)) for layer in self.layers)
+        )
 
     def restore(self, snap: Snapshot) -> None:
         """Roll every layer back to ``snap`` (appended tokens are dropped)."""
         for layer, state in zip(self.layers, snap.states, strict=True):
-            for name, value in zip(_SAVED, state, strict=True):
+            for name, value in zip(_SAVED, state[:-1], strict=True):
                 if hasattr(layer, name) or value is not None:
                     setattr(layer, name, value)
+            if state[-1] is not None:  # ragged appends wrote in place: rewind the lengths
+                layer.ragged.lengths.copy_(state[-1][0])
+                layer.ragged.appended = state[-1][1]
 
     def kv_bytes(self) -> int:
         """Bytes held by all layers' keys and values now."""
         total = 0
         for layer in self.layers:
+            if isinstance(layer, CompressedLayer):
+                total += layer.kv_bytes()
+                continue
             for t in (layer.keys, layer.values):
                 if isinstance(t, torch.Tensor):
                     total += t.numel() * t.element_size()

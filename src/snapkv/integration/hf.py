@@ -32,7 +32,9 @@ from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from snapkv.cache.compressed import CompressedLayer, SnapKVCache
+from snapkv.cache.ragged import RaggedLayer, ragged_attention
 from snapkv.config import SnapKVConfig
+from snapkv.core.adaptive import HEAD_MODES, select_adaptive
 from snapkv.core.budgets import PROFILES, layer_budget
 from snapkv.methods.base import Method, ScoreInputs
 from snapkv.methods.snapkv import SnapKV
@@ -123,6 +125,12 @@ class SnapKVSession:
         method: how positions are scored (default :class:`~snapkv.methods.SnapKV` with the
             config's kernel, pooling and GQA reduction).
         layer_profile: ``"uniform"`` or ``"pyramid"`` budgets across compressed layers.
+        head_budget: ``"uniform"`` (every KV head keeps the same count) or ``"adaptive"``
+            (AdaKV: one top-k across the layer's heads with a per-head floor), stored in a
+            ragged per-head cache that frees what it does not keep.
+        alpha: share of each head's uniform prefix budget guaranteed to it (adaptive).
+        slack: slots per head reserved for new tokens in the ragged cache (adaptive);
+            appending more raises.
         capture: keep the full prompt KV and record each full layer's scoring inputs
             instead of compressing, so :meth:`derive` can build compressed caches for many
             methods and budgets from one prefill (evaluation).
@@ -132,12 +140,21 @@ class SnapKVSession:
     config: SnapKVConfig = field(default_factory=SnapKVConfig)
     method: Method | None = None
     layer_profile: str = "uniform"
+    head_budget: str = "uniform"
+    alpha: float = 0.2
+    slack: int = 256
     capture: bool = False
     stats: list[LayerStats] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.layer_profile not in PROFILES:
             raise ValueError(f"layer_profile must be one of {PROFILES}, got {self.layer_profile!r}")
+        if self.head_budget not in HEAD_MODES:
+            raise ValueError(f"head_budget must be one of {HEAD_MODES}, got {self.head_budget!r}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must lie in [0, 1], got {self.alpha!r}")
+        if isinstance(self.slack, bool) or not isinstance(self.slack, int) or self.slack < 1:
+            raise ValueError(f"slack must be an integer >= 1 (new tokens per head), got {self.slack!r}")
         if self.method is None:
             c = self.config
             self.method = SnapKV(kernel=c.kernel, pooling=c.pooling, gqa_reduce=c.gqa_reduce, chunk_size=c.chunk_size)
@@ -239,7 +256,7 @@ class SnapKVSession:
     def _layer(self, layer_idx: int, key: torch.Tensor) -> Any:
         cache = self._cache
         layer = cache.layers[layer_idx] if cache is not None and layer_idx < len(cache.layers) else None
-        if isinstance(layer, CompressedLayer) and layer.keys is key:
+        if isinstance(layer, CompressedLayer) and layer.keys is key:  # a ragged layer holds the new keys
             return layer
         if layer is not None and not isinstance(layer, CompressedLayer) and layer.is_sliding:
             return layer
@@ -262,6 +279,10 @@ class SnapKVSession:
         layer = self._layer(module.layer_idx, key)
         if not isinstance(layer, CompressedLayer):  # sliding window: its own cache
             return backend(module, query, key, value, attention_mask, **kwargs)
+        if layer.ragged is not None:  # per-head lengths: SnapKV's own decode attention
+            scaling = kwargs.get("scaling", module.scaling)
+            out = ragged_attention(query, layer.ragged, key, value, scaling=scaling, softcap=kwargs.get("softcap"))
+            return out, None
         if layer.compressed:
             kind = SUPPORTED_BACKENDS[self.backend]
             mask = decode_mask(layer, query.shape[-2], kind, query.dtype)
@@ -328,6 +349,10 @@ class SnapKVSession:
         if kept == real:  # every row fits its budget: the layer stays as it is
             return LayerStats(inputs.layer_idx, real, kept, full_bytes, full_bytes)
         n_keep = torch.tensor(kept, device=key.device)
+        if self.head_budget == "adaptive":
+            ragged = select_adaptive(method.score(inputs), n_keep, window, inputs.key_valid, alpha=self.alpha)
+            layer.replace_ragged(RaggedLayer.from_selection(key, values, ragged, self.slack))
+            return LayerStats(inputs.layer_idx, real, kept, full_bytes, layer.ragged.kv_bytes())
         new_k, new_v, sel = method.compress(inputs, values, n_keep)
         layer.replace(new_k, new_v, sel.pad, sel.indices.to(torch.int32))
         return LayerStats(inputs.layer_idx, real, kept, full_bytes, 2 * new_k.numel() * new_k.element_size())

@@ -1,0 +1,76 @@
+"""Head-adaptive budgets through the HF path: ragged cache in SnapKVSession."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tests.tiny_models import left_padded, tiny_model
+
+from snapkv import SnapKVConfig, SnapKVSession
+
+pytestmark = pytest.mark.usefixtures("no_grad")
+
+
+def _generate(model, ids, mask, config, n=6, **session_kw):
+    with SnapKVSession(model, config, **session_kw) as s:
+        cache = s.new_cache()
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True, **s.cache_kwargs(cache))
+    return out, cache, s
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
+def test_alpha_one_equals_uniform_snapkv(family):
+    model = tiny_model(family)
+    ids, mask = left_padded([90, 120, 70])
+    config = SnapKVConfig(budget=40, window=8)
+    uni, _, _ = _generate(model, ids, mask, config)
+    ada, cache, _ = _generate(model, ids, mask, config, head_budget="adaptive", alpha=1.0, slack=8)
+    assert torch.equal(uni.sequences, ada.sequences)
+    for a, b in zip(uni.logits, ada.logits, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert any(getattr(layer, "ragged", None) is not None for layer in cache.layers)
+
+
+def test_adaptive_batch_equals_rows_alone_and_keeps_row_totals():
+    model = tiny_model("llama")
+    lengths = [90, 120, 70]
+    ids, mask = left_padded(lengths)
+    config = SnapKVConfig(budget=40, window=8)
+    batch, cache, session = _generate(model, ids, mask, config, n=5, head_budget="adaptive", slack=8)
+    for row, n in enumerate(lengths):
+        alone, _, _ = _generate(model, ids[row:row + 1, -n:], mask[row:row + 1, -n:], config, n=5,
+                                head_budget="adaptive", slack=8)
+        assert torch.equal(batch.sequences[row, -5:], alone.sequences[0, -5:])
+    for layer in cache.layers:
+        rag = layer.ragged
+        hkv = rag.num_kv_heads
+        # 4 tokens were appended to every head after the prompt's kept tokens.
+        kept = rag.lengths - rag.appended
+        assert kept.sum(-1).tolist() == [40 * hkv] * 3
+        assert bool((kept >= 8).all())  # the window, at least
+        assert rag.kv_bytes() == 2 * (int(kept.sum()) + 3 * hkv * 8) * rag.head_dim * 4
+    assert all(s.bytes_after < s.bytes_before for s in session.stats)
+
+
+def test_adaptive_slack_overflow_raises_and_snapshot_rewinds():
+    model = tiny_model("llama")
+    ids, mask = left_padded([100])
+    with SnapKVSession(model, SnapKVConfig(budget=40, window=8), head_budget="adaptive", slack=3) as s:
+        cache = s.new_cache()
+        model(input_ids=ids, **s.cache_kwargs(cache))
+        snap = cache.snapshot()
+        first = model(input_ids=torch.tensor([[5, 6]]), **s.cache_kwargs(cache)).logits
+        cache.restore(snap)
+        again = model(input_ids=torch.tensor([[5, 6]]), **s.cache_kwargs(cache)).logits
+        torch.testing.assert_close(first, again)
+        model(input_ids=torch.tensor([[7]]), **s.cache_kwargs(cache))
+        with pytest.raises(RuntimeError, match="slack"):
+            model(input_ids=torch.tensor([[8]]), **s.cache_kwargs(cache))
+
+
+@pytest.mark.parametrize("kw, match", [({"head_budget": "per-head"}, "head_budget"), ({"alpha": 1.5}, "alpha"),
+                                       ({"slack": 0}, "slack"), ({"layer_profile": "cone"}, "layer_profile")])
+def test_bad_session_options(kw, match):
+    with pytest.raises(ValueError, match=match):
+        SnapKVSession(tiny_model("llama"), SnapKVConfig(budget=40, window=8), **kw)
