@@ -121,8 +121,9 @@ def plot_hitrate(data: dict[str, Any], path: Path) -> Path:
     ax.set_ylim(0, 100)
     ax.set_xlabel("compressed layer (index among full-attention layers)")
     ax.set_ylabel("hit rate (%)")
-    ax.set_title(f"{data['model']}, {data['length']} tokens, {len(rows)} prompts ({', '.join(data['tasks'])}): "
-                 f"window {data['window']} top-5% votes vs generated-token attention > 0.05", fontsize=8)
+    ax.set_title(f"{data['model']}, {data['length']} tokens, {len(rows)} prompts ({', '.join(data['tasks'])})\n"
+                 f"top-5% votes of a {data['window']}-token window vs positions generated tokens attend > 0.05",
+                 fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
