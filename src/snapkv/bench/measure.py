@@ -165,9 +165,7 @@ def _engine_point(model: torch.nn.Module, point: Point, opts: Options, res: Resu
         _record_prefill(res, stats, point, parts.num_layers)
         if point.layers is not None and point.layers < parts.num_layers:  # same work per layer as a full run
             for li in range(point.layers, parts.num_layers):
-                cache.keys[li].copy_(cache.keys[point.layers - 1])
-                cache.values[li].copy_(cache.values[point.layers - 1])
-                cache.bias[li].copy_(cache.bias[point.layers - 1])
+                cache.copy_layer(point.layers - 1, li)
         runner = DecodeRunner(parts, cache, use_graph=engine.use_graph)
         runner.feed(first)
         runner.capture()

@@ -13,6 +13,7 @@ import torch
 
 from snapkv.generation.adapter import DecoderParts
 from snapkv.generation.attention import decode_attention
+from snapkv.generation.fused import FusedOps, decode_one_token_fused, kernel_ops, twin_ops, unsupported_reason
 from snapkv.generation.static_cache import StaticKVCache
 
 
@@ -70,6 +71,8 @@ class DecodeRunner:
         use_graph: capture a CUDA graph (default: when the cache is on CUDA).
         temperature: 0 for greedy, else sampling temperature (fixed at capture).
         pool: a graph memory pool to share between runners (``torch.cuda.graph_pool_handle()``).
+        fused: use :mod:`snapkv.generation.fused` (Triton kernels on CUDA, torch twins elsewhere);
+            default: on CUDA when Triton imports and the model's layers allow it.
     """
 
     def __init__(
@@ -80,6 +83,7 @@ class DecodeRunner:
         use_graph: bool | None = None,
         temperature: float = 0.0,
         pool: object | None = None,
+        fused: bool | None = None,
     ) -> None:
         device = cache.keys.device
         self.parts, self.cache, self.temperature = parts, cache, temperature
@@ -93,9 +97,28 @@ class DecodeRunner:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.pool = pool
         self.capture_s = 0.0
+        self.ops = self._pick_ops(fused, device)
+
+    def _pick_ops(self, fused: bool | None, device: torch.device) -> FusedOps | None:
+        reason = unsupported_reason(self.parts)
+        if fused is False or (fused is None and (device.type != "cuda" or reason is not None)):
+            return None
+        if reason is not None:
+            raise ValueError(f"fused decode cannot run this model: {reason}")
+        if device.type != "cuda":
+            return twin_ops()
+        try:
+            return kernel_ops()
+        except ImportError:
+            if fused:
+                raise
+            return None
 
     def _step(self) -> None:
-        logits = decode_one_token(self.parts, self.cache, self.tokens)
+        if self.ops is not None:
+            logits = decode_one_token_fused(self.parts, self.cache, self.tokens, self.ops)
+        else:
+            logits = decode_one_token(self.parts, self.cache, self.tokens)
         nxt = sample(logits, self.temperature)
         self.logits.copy_(logits)
         self.next_tokens.copy_(nxt)

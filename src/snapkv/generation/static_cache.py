@@ -70,6 +70,13 @@ class StaticKVCache:
             self.bias = torch.full((num_layers, batch, self.capacity), float("-inf"), device=device)
             self.write_pos = torch.full((1,), prompt_slots, dtype=torch.long, device=device)
             self.positions = torch.zeros(batch, dtype=torch.long, device=device)
+            # Ragged view for the fused decode kernel: row b, head h of layer l owns flat slots
+            # starts[l, b, h] .. starts + lengths of keys[l].view(-1, D) (its kept and new tokens).
+            self.first = torch.full((num_layers, batch), prompt_slots, dtype=torch.long, device=device)
+            heads = torch.arange(batch * num_kv_heads, device=device).view(batch, num_kv_heads)
+            self._base = (heads * self.capacity).to(torch.int32)  # [B, Hkv] first slot of each head
+            self.starts = self._base.expand(num_layers, -1, -1).contiguous()  # [L, B, Hkv] int32
+            self.lengths = torch.zeros((num_layers, batch, num_kv_heads), dtype=torch.int32, device=device)
         self.host_pos = prompt_slots  # host mirror of write_pos: bounds checks without a sync
         self.prompt_lengths = [0] * batch
         self.kept = [[0] * batch for _ in range(num_layers)]
@@ -111,6 +118,16 @@ class StaticKVCache:
         self.bias[layer, row, :start] = float("-inf")
         self.bias[layer, row, start : self.prompt_slots] = 0.0
         self.kept[layer][row] = n
+        self.first[layer, row] = start
+        self.starts[layer, row] = self._base[row] + start
+        self.lengths[layer, row] = n
+
+    def copy_layer(self, src: int, dst: int) -> None:
+        """Make layer ``dst`` hold what layer ``src`` holds (benchmarks of partial prefills)."""
+        for t in (self.keys, self.values, self.bias, self.first, self.lengths):
+            t[dst].copy_(t[src])
+        self.starts[dst].copy_(self.starts[src])
+        self.kept[dst] = list(self.kept[src])
 
     def set_prompt_length(self, row: int, length: int) -> None:
         """Record a row's original prompt length: its first decoded token takes this position."""
@@ -121,6 +138,7 @@ class StaticKVCache:
     def open_slot(self) -> None:
         """Unmask slot ``write_pos`` in every layer and row: the new token attends to itself."""
         self.bias.index_fill_(2, self.write_pos, 0.0)
+        self.lengths.copy_((self.write_pos + 1 - self.first).unsqueeze(-1).expand_as(self.lengths))
 
     def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Write one decoded token's K/V ``[B, Hkv, 1, D]`` into slot ``write_pos``, in place."""
@@ -152,4 +170,5 @@ class StaticKVCache:
         self.write_pos.copy_(state.write_pos)
         self.positions.copy_(state.positions)
         self.bias[:, :, state.host_pos :] = float("-inf")
+        self.lengths.copy_((self.write_pos - self.first).unsqueeze(-1).expand_as(self.lengths))
         self.host_pos = state.host_pos
