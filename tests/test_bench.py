@@ -10,7 +10,7 @@ import pytest
 from snapkv.bench import report, runner
 from snapkv.bench.measure import Options, Point, measure
 from snapkv.bench.models import random_model
-from snapkv.bench.sweeps import gpu_points, grid, preset
+from snapkv.bench.sweeps import gpu_points, grid, preset, split_parts
 from snapkv.generation import NotEnoughMemoryError
 
 K = 1024
@@ -35,6 +35,25 @@ def test_quick_sweep_writes_json_markdown_and_plot(tmp_path):
     md = (tmp_path / "bench.md").read_text()
     assert "| snapkv-48 | 2 | 200 | ok |" in md
     assert (tmp_path / "bench.png").stat().st_size > 0
+
+
+def test_gpu_preset_parts_cover_every_point_once():
+    pts = gpu_points()
+    one, two = split_parts(pts, 1), split_parts(pts, 2)
+    assert len(one) + len(two) == len(pts) and not set(one) & set(two)
+    assert max(p.length for p in one) == 256 * K and min(p.length for p in two) >= 256 * K
+
+
+def test_merge_reports(tmp_path):
+    a = _run(tmp_path / "a", "--lengths", "64", "--modes", "full", "--steps", "2")
+    b = _run(tmp_path / "b", "--lengths", "96", "--modes", "full", "--steps", "2")
+    parser = argparse.ArgumentParser()
+    runner.add_arguments(parser)
+    args = parser.parse_args(["--merge", str(tmp_path / "a" / "bench.json"), str(tmp_path / "b" / "bench.json"),
+                              "--out", str(tmp_path / "m")])
+    assert runner.run(args) == 0
+    merged = json.loads((tmp_path / "m" / "bench.json").read_text())
+    assert len(merged["results"]) == len(a["results"]) + len(b["results"])
 
 
 def test_time_budget_skips_the_rest(tmp_path):

@@ -100,6 +100,31 @@ def test_prefill_chunk_does_not_change_results(chunk):
     assert _max_diff(out.logits, base.logits) < 1e-4
 
 
+def test_whole_layer_attention_equals_query_chunks():
+    model = tiny_model("qwen2")
+    ids, mask = _batch()
+    outs = [Engine(model, CFG, prefill_chunk=16, whole_layer_bytes=b).generate(ids, mask, max_new_tokens=3,
+                                                                              return_logits=True)
+            for b in (0, 1 << 30)]
+    assert torch.equal(outs[0].tokens, outs[1].tokens)
+    assert _max_diff(outs[0].logits, outs[1].logits) < 1e-4
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_fused_decode_step_equals_eager_step(family):
+    model = tiny_model(family)
+    ids, mask = _batch()
+    outs = [Engine(model, CFG, fused=f).generate(ids, mask, max_new_tokens=STEPS, return_logits=True)
+            for f in (False, True)]  # fused on CPU: the step's structure with the torch twins
+    assert torch.equal(outs[0].tokens, outs[1].tokens)
+    assert _max_diff(outs[0].logits, outs[1].logits) < 1e-5
+
+
+def test_fused_refuses_a_model_it_cannot_run():
+    with pytest.raises(ValueError, match="q_norm"):
+        Engine(tiny_model("qwen3"), CFG, fused=True).generate(torch.ones(1, 50, dtype=torch.long), max_new_tokens=2)
+
+
 def test_static_cache_appends_in_place():
     model = tiny_model("llama")
     engine = Engine(model, CFG)

@@ -23,11 +23,12 @@ from typing import Any
 import torch
 
 from snapkv.config import SnapKVConfig
-from snapkv.generation import DecodeRunner, Engine, NotEnoughMemoryError, sample
+from snapkv.generation import Engine, NotEnoughMemoryError, sample
 from snapkv.generation.prefill import PrefillStats
 from snapkv.integration.hf import cache_argument
 
 MODES: tuple[str, ...] = ("hf", "full", "snapkv")
+VARIANTS: tuple[str, ...] = ("", "unfused", "eager")
 GiB = 1024**3
 
 
@@ -40,11 +41,13 @@ class Point:
     batch: int = 1
     budget: int | None = None
     layers: int | None = None  # run the prefill through the first layers only (peak memory at 1M)
+    variant: str = ""  # engine ablations: "unfused" (no fused kernels), "eager" (no CUDA graph)
 
     @property
     def label(self) -> str:
-        """Short name: ``hf``, ``full`` or ``snapkv-2048``."""
-        return f"snapkv-{self.budget}" if self.mode == "snapkv" else self.mode
+        """Short name: ``hf``, ``full``, ``snapkv-2048`` or ``snapkv-2048/eager``."""
+        base = f"snapkv-{self.budget}" if self.mode == "snapkv" else self.mode
+        return f"{base}/{self.variant}" if self.variant else base
 
 
 @dataclass
@@ -59,6 +62,7 @@ class Options:
     pooling: str = "max"
     backend: str | None = None
     use_graph: bool | None = None
+    fused: bool | None = None
     seed: int = 0
 
 
@@ -149,8 +153,12 @@ def _engine_point(model: torch.nn.Module, point: Point, opts: Options, res: Resu
     config = None
     if point.mode == "snapkv":
         config = SnapKVConfig(budget=point.budget, window=opts.window, kernel=opts.kernel, pooling=opts.pooling)
+    if point.variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {point.variant!r}")
+    use_graph = False if point.variant == "eager" else opts.use_graph
+    fused = False if point.variant == "unfused" else opts.fused
     engine = Engine(model, config, prefill_chunk=opts.prefill_chunk, attention_backend=opts.backend,
-                    use_graph=opts.use_graph)
+                    use_graph=use_graph, fused=fused)
     parts = engine.parts
     device = parts.device
     ids = _prompt(point, parts.vocab_size, device, opts.seed)
@@ -166,7 +174,7 @@ def _engine_point(model: torch.nn.Module, point: Point, opts: Options, res: Resu
         if point.layers is not None and point.layers < parts.num_layers:  # same work per layer as a full run
             for li in range(point.layers, parts.num_layers):
                 cache.copy_layer(point.layers - 1, li)
-        runner = DecodeRunner(parts, cache, use_graph=engine.use_graph)
+        runner = engine.runner(cache)
         runner.feed(first)
         runner.capture()
         res.capture_s = runner.capture_s

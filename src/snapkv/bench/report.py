@@ -76,6 +76,11 @@ def markdown(meta: dict[str, Any], results: list[dict[str, Any]], verdicts: list
             lines.append(f"- {key}: {meta[key]}")
     if meta.get("floor_ms"):
         lines.append(f"- weight-bandwidth floor: {meta['floor_ms']:.2f} ms/token ({meta.get('floor_note', '')})")
+    if meta.get("linear_floor_ms"):
+        lines.append(f"- every nn.Linear once, one CUDA graph (cuBLAS weight reads alone): "
+                     f"{meta['linear_floor_ms']:.2f} ms at batch 1, {meta.get('linear_floor_b8_ms') or 0:.2f} ms at 8")
+    if meta.get("warmup_s"):
+        lines.append(f"- warm-up run discarded before measuring: {meta['warmup_s']:.1f} s")
     lines += ["", "| mode | batch | prompt | status | TTFT s | prefill tok/s | decode ms/token (p10-p90) | "
               "decode tok/s | peak GiB | KV GiB alloc / kept | score % of prefill | note |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -150,3 +155,19 @@ def write(
     if with_plot and plot(results, out_dir / "bench.png"):
         paths["png"] = out_dir / "bench.png"
     return paths
+
+
+def merge_files(paths: list[Path], out_dir: Path) -> dict[str, Path]:
+    """One report from several ``bench.json`` files of the same device and model (parts of a sweep)."""
+    metas, results = [], []
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        metas.append(data["meta"])
+        results += data["results"]
+    meta = dict(metas[0])
+    meta["command"] = " ; ".join(m.get("command", "") for m in metas)
+    meta["date"] = " ; ".join(sorted({m.get("date", "") for m in metas}))
+    for key in ("device", "model", "torch", "transformers"):
+        if len({m.get(key) for m in metas}) > 1:
+            meta[key] = " / ".join(str(m.get(key)) for m in metas)
+    return write(out_dir, meta, results)

@@ -19,7 +19,7 @@ import torch
 from snapkv.bench import report
 from snapkv.bench.measure import MODES, Result, measure
 from snapkv.bench.models import load_bench_model
-from snapkv.bench.sweeps import Sweep, gpu_points, grid, preset
+from snapkv.bench.sweeps import Sweep, gpu_points, grid, preset, split_parts
 
 GiB = 1024**3
 
@@ -53,6 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", type=_list(str), default=None, help=f"subset of {','.join(MODES)}")
     parser.add_argument("--max-length", type=_length, default=None, help="gpu preset: longest prompt")
     parser.add_argument("--hf-max-tokens", type=_length, default=None, help="skip hf above this many batch tokens")
+    parser.add_argument("--part", type=int, choices=(1, 2), default=None,
+                        help="gpu preset: part 1 (up to 256K) or 2 (512K, 1M): each fits one 10-minute command")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None,
+                        help="merge these bench.json files into one report under --out (no model is run)")
     parser.add_argument("--partial-layers", type=int, default=4,
                         help="layers the 1M prefill runs through (of the full-weight model)")
     parser.add_argument("--steps", type=int, default=None, help="timed decode steps per point")
@@ -61,6 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window", type=int, default=None, help="SnapKV observation window")
     parser.add_argument("--attention-backend", default=None, help="prefill attention: flash, cudnn or ref")
     parser.add_argument("--no-graph", action="store_true", help="decode eagerly (no CUDA graph)")
+    parser.add_argument("--no-fused", action="store_true", help="decode without the fused Triton kernels")
+    parser.add_argument("--no-warmup", action="store_true", help="measure cold (no discarded warm-up run)")
     parser.add_argument("--time-budget", type=float, default=None,
                         help="seconds; points left when it runs out are reported as skipped")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default runs/bench-<time>)")
@@ -73,6 +79,8 @@ def _sweep(args: argparse.Namespace, device: torch.device) -> Sweep:
         sweep.points = gpu_points(args.max_length, args.partial_layers)
     elif name == "gpu":
         sweep.points = gpu_points(partial_layers_1m=args.partial_layers)
+    if name == "gpu":
+        sweep.points = split_parts(sweep.points, args.part)
     if args.lengths or args.batches or args.budgets or args.modes:
         base = sweep.points
         sweep.points = grid(
@@ -92,6 +100,8 @@ def _sweep(args: argparse.Namespace, device: torch.device) -> Sweep:
             setattr(o, attr, val)
     if args.no_graph:
         o.use_graph = False
+    if args.no_fused:
+        o.fused = False
     if args.model:
         sweep.model = args.model
     if args.model_layers:
@@ -117,6 +127,70 @@ def copy_bandwidth(device: torch.device, gib: float = 2.0) -> float | None:
     del src, dst
     torch.cuda.empty_cache()
     return 2 * n * 2 / sorted(times[2:])[len(times[2:]) // 2]
+
+
+def linear_floor_ms(model: torch.nn.Module, batch: int = 1, reps: int = 20) -> float | None:
+    """Milliseconds to run every ``nn.Linear`` of the model once on ``batch`` rows, replayed as one
+    CUDA graph: what reading the weights costs through cuBLAS, without anything else of a step."""
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return None
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    dtype = linears[0].weight.dtype
+    with torch.inference_mode():
+        inputs = [torch.randn(batch, m.in_features, device=device, dtype=dtype) for m in linears]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for m, x in zip(linears, inputs, strict=True):
+                m(x)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for m, x in zip(linears, inputs, strict=True):
+                m(x)
+        graph.replay()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            graph.replay()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b))
+    del graph, inputs
+    torch.cuda.empty_cache()
+    return sorted(times)[len(times) // 2]
+
+
+def warm_up(model: torch.nn.Module, sweep: Sweep) -> float:
+    """Run each mode once on a short prompt and the scoring kernel at each swept length (discarded):
+    one-time compilation (Triton JIT, cuBLAS/cuDNN handles) stays out of the measured points."""
+    from snapkv.bench.measure import Point
+
+    t0 = time.perf_counter()
+    device = next(model.parameters()).device
+    opts = sweep.options
+    short = min(4096, min(p.length for p in sweep.points))
+    for mode in sorted({p.mode for p in sweep.points}):
+        budget = min((p.budget for p in sweep.points if p.budget), default=None) if mode == "snapkv" else None
+        measure(model, Point(mode, short, 1, budget), opts)
+    if device.type == "cuda" and any(p.mode == "snapkv" for p in sweep.points):
+        from snapkv.kernels.dispatch import reduced_window_votes
+
+        cfg = model.config.get_text_config(decoder=True)
+        d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        dtype = next(model.parameters()).dtype
+        with torch.inference_mode():
+            q = torch.randn(1, cfg.num_attention_heads, opts.window, d, device=device, dtype=dtype)
+            for n in sorted({p.length for p in sweep.points if p.mode == "snapkv"}):
+                k = torch.randn(1, cfg.num_key_value_heads, n, d, device=device, dtype=dtype)
+                reduced_window_votes(q, k, None, scaling=d**-0.5)
+                del k
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+    return time.perf_counter() - t0
 
 
 def environment(device: torch.device, model: torch.nn.Module, description: str) -> dict[str, Any]:
@@ -147,6 +221,8 @@ def environment(device: torch.device, model: torch.nn.Module, description: str) 
             meta["copy_tb_s"] = bw / 1e12
             meta["floor_ms"] = 1000.0 * weights / bw
             meta["floor_note"] = f"{weights / 1e9:.2f} GB of weights at the measured copy rate {bw / 1e12:.2f} TB/s"
+        meta["linear_floor_ms"] = linear_floor_ms(model)
+        meta["linear_floor_b8_ms"] = linear_floor_ms(model, batch=8)
     else:
         meta["device"] = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     return meta
@@ -163,6 +239,11 @@ def _line(r: Result) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Run the sweep ``args`` describe; returns the exit status (0 when every point ran or OOMed)."""
+    if args.merge:
+        out_dir = args.out or Path("runs") / "bench-merged"
+        paths = report.merge_files(args.merge, out_dir)
+        print(paths["md"].read_text())
+        return 0
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but CUDA is not available", file=sys.stderr)
@@ -176,6 +257,9 @@ def run(args: argparse.Namespace) -> int:
     meta["options"] = vars(sweep.options)
     print(f"# {meta['device']} | {description} | torch {meta['torch']} | transformers {meta['transformers']}",
           flush=True)
+    if not args.no_warmup:
+        meta["warmup_s"] = warm_up(model, sweep)
+        print(f"# warm-up (discarded): {meta['warmup_s']:.1f} s", flush=True)
     results: list[dict[str, Any]] = []
     errors = 0
     for point in sweep.points:

@@ -82,13 +82,31 @@ def gpu_points(max_length: int = 1024 * K, partial_layers_1m: int = 4) -> list[P
     if 1024 * K <= max_length:
         pts += grid([1024 * K], budgets=(2048,), modes=("full", "snapkv"),
                     partial_layers={1024 * K: partial_layers_1m})
-    # 4. the other budgets, and batches 2-8 at 16K.
+    # 4. what the fused kernels and the CUDA graph each bring (budget 2048, 16K, batch 1).
+    if 16 * K <= max_length:
+        pts += [Point("snapkv", 16 * K, 1, 2048, variant=v) for v in ("unfused", "eager")]
+    # 5. the other budgets, and batches 2-8 at 16K.
     pts += grid(short, budgets=(1024, 4096), modes=("snapkv",))
     pts += grid([16 * K], batches=(2, 4, 8), budgets=(2048,), modes=("snapkv", "full", "hf"))
     pts += grid([16 * K], batches=(8,), budgets=(1024, 4096), modes=("snapkv",))
     if 256 * K <= max_length:
         pts += grid([256 * K], modes=("hf",))  # the baseline's own out-of-memory point
     return _dedupe(pts)
+
+
+def split_parts(points: list[Point], part: int | None) -> list[Point]:
+    """Part 1: prompts up to 256K (the transformers baseline up to 128K); part 2: the rest.
+
+    One device command may run 10 minutes; the whole GPU preset takes about twice that.
+    """
+    if part is None:
+        return points
+    first = [p for p in points if p.length <= 256 * K and not (p.mode == "hf" and p.length > 128 * K)]
+    if part == 1:
+        return first
+    if part == 2:
+        return [p for p in points if p not in first]
+    raise ValueError(f"part must be 1 or 2, got {part}")
 
 
 def preset(name: str) -> Sweep:

@@ -26,13 +26,13 @@ PREFILL_BACKENDS: tuple[str, ...] = ("flash", "cudnn", "cudnn_gqa", "ref")
 
 
 def default_prefill_backend(device: torch.device) -> str:
-    """``$SNAPKV_PREFILL_ATTN`` if set, else ``cudnn`` on CUDA, ``ref`` elsewhere."""
+    """``$SNAPKV_PREFILL_ATTN`` if set, else ``cudnn_gqa`` on CUDA, ``ref`` elsewhere."""
     env = os.environ.get("SNAPKV_PREFILL_ATTN")
     if env:
         if env not in PREFILL_BACKENDS:
             raise ValueError(f"SNAPKV_PREFILL_ATTN must be one of {PREFILL_BACKENDS}, got {env!r}")
         return env
-    return "cudnn" if device.type == "cuda" else "ref"
+    return "cudnn_gqa" if device.type == "cuda" else "ref"
 
 
 def causal_chunk_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -82,7 +82,7 @@ def causal_chunk_attention(
         ``[B, Hq, c, D]`` in ``q``'s dtype.
     """
     c, s = q.shape[-2], k.shape[-2]
-    if backend == "ref" or not q.is_cuda:
+    if backend == "ref" or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
         return causal_chunk_attention_ref(q, k, v, scaling)
     if backend == "flash":
         return _flash(q, k, v, scaling, True)[0]
@@ -117,6 +117,14 @@ def _cudnn_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: f
         o1, lse1 = _cudnn(qh, kh[:, :, :start], vh[:, :, :start], scaling, False)
         out[:, h * g : (h + 1) * g] = merge_partials(o1, lse1, o2, lse2)
     return out
+
+
+def whole_layer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Causal attention of all ``L`` queries to the ``L`` keys in one call (torch picks the kernel).
+
+    ``q [B, Hq, L, D]``, ``k, v [B, Hkv, L, D]`` -> ``[B, Hq, L, D]``. Grouped KV heads are not repeated.
+    """
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
 
 
 def decode_attention(

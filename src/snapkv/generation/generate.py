@@ -77,8 +77,13 @@ class Engine:
         method: how positions are scored (default :class:`~snapkv.methods.SnapKV` from the config).
         layer_profile: ``"uniform"`` or ``"pyramid"`` budgets across layers.
         prefill_chunk: query (and MLP) rows per prefill step; bounds the activations.
-        attention_backend: prefill attention (``flash``, ``cudnn``, ``ref``); default per device.
+        attention_backend: prefill attention by query chunks (``flash``, ``cudnn``, ``cudnn_gqa``,
+            ``ref``); default per device.
+        whole_layer_bytes: prompts whose per-layer queries plus attention output fit in this many
+            bytes attend over the whole layer in one call (default 4 GiB on CUDA, 0 elsewhere).
         use_graph: capture the decode step as a CUDA graph (default: on CUDA).
+        fused: fused decode kernels (default: on CUDA when the model allows, see
+            :mod:`snapkv.generation.fused`).
     """
 
     def __init__(
@@ -90,7 +95,9 @@ class Engine:
         layer_profile: str = "uniform",
         prefill_chunk: int = 8192,
         attention_backend: str | None = None,
+        whole_layer_bytes: int | None = None,
         use_graph: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
         if layer_profile not in PROFILES:
             raise ValueError(f"layer_profile must be one of {PROFILES}, got {layer_profile!r}")
@@ -108,7 +115,11 @@ class Engine:
         if backend not in PREFILL_BACKENDS:
             raise ValueError(f"attention_backend must be one of {PREFILL_BACKENDS}, got {backend!r}")
         self.backend = backend
+        if whole_layer_bytes is None:
+            whole_layer_bytes = 4 * 1024**3 if self.parts.device.type == "cuda" else 0
+        self.whole_layer_bytes = whole_layer_bytes
         self.use_graph = use_graph
+        self.fused = fused
 
     # -- planning --------------------------------------------------------------------------------
     def prompt_slots(self, length: int) -> int:
@@ -129,12 +140,17 @@ class Engine:
             self.prefill_chunk,
             compressed=self.config is not None,
             capacity_for=lambda n: self.prompt_slots(n) + max_new_tokens,
+            whole_layer_bytes=self.whole_layer_bytes,
         )
         p = self.parts
         return StaticKVCache(
             p.num_layers, len(lengths), p.num_kv_heads, p.head_dim, slots, max_new_tokens,
             dtype=p.dtype, device=p.device,
         )
+
+    def runner(self, cache: StaticKVCache, temperature: float = 0.0) -> DecodeRunner:
+        """A decode runner over ``cache`` with this engine's graph and fused-kernel settings."""
+        return DecodeRunner(self.parts, cache, use_graph=self.use_graph, temperature=temperature, fused=self.fused)
 
     # -- the two phases --------------------------------------------------------------------------
     @torch.inference_mode()
@@ -165,6 +181,7 @@ class Engine:
                 chunk=self.prefill_chunk,
                 backend=self.backend,
                 num_layers=num_layers,
+                whole_layer_bytes=self.whole_layer_bytes,
             )
         except torch.OutOfMemoryError as err:
             oom = str(err).splitlines()[0]
@@ -204,7 +221,7 @@ class Engine:
         if return_logits:
             out.logits.append(logits.clone())
         t1 = time.perf_counter()
-        runner = DecodeRunner(self.parts, cache, use_graph=self.use_graph, temperature=temperature)
+        runner = self.runner(cache, temperature)
         runner.feed(first)
         runner.capture()
         out.capture_s = runner.capture_s

@@ -59,22 +59,29 @@ def cache_bytes(parts: DecoderParts, batch: int, capacity: int) -> int:
     return kv + 4 * parts.num_layers * batch * capacity
 
 
-def prefill_work_bytes(parts: DecoderParts, length: int, chunk: int, intermediate: int) -> int:
+def prefill_work_bytes(
+    parts: DecoderParts, length: int, chunk: int, intermediate: int, whole_layer_bytes: int = 0
+) -> int:
     """Transient peak of prefilling one row of ``length`` tokens in chunks of ``chunk``."""
     elem = torch.empty((), dtype=parts.dtype).element_size()
     h, hq, hkv, d = parts.hidden_size, parts.num_heads, parts.num_kv_heads, parts.head_dim
     c = min(chunk, length)
     resident = length * h * elem + 2 * length * hkv * d * elem + 16 * length  # residual, K, V, ids, positions
+    whole = 2 * length * hq * d * elem
+    if whole <= whole_layer_bytes:  # the layer's queries and attention output, and the kernel's LSE
+        resident += whole + 4 * length * hq
     attn = c * (3 * hq * d * elem + 2 * h * elem + 4 * d * elem) + c * hq * d * 4 * 3 + 12 * c * hq
     mlp = c * (3 * intermediate * elem + 2 * h * elem)
     score = length * (hq * 4 + 6 * hkv * 4) + 2 * length * hkv * 8  # votes, pooled, top-k scratch
     return resident + max(attn, mlp, score)
 
 
-def plan(parts: DecoderParts, lengths: Sequence[int], capacity: int, chunk: int) -> MemoryPlan:
+def plan(
+    parts: DecoderParts, lengths: Sequence[int], capacity: int, chunk: int, whole_layer_bytes: int = 0
+) -> MemoryPlan:
     """The memory plan for prefilling ``lengths`` (one row at a time) into a cache of ``capacity``."""
     inter = getattr(parts.model.config.get_text_config(decoder=True), "intermediate_size", 4 * parts.hidden_size)
-    work = prefill_work_bytes(parts, max(lengths), chunk, inter)
+    work = prefill_work_bytes(parts, max(lengths), chunk, inter, whole_layer_bytes)
     return MemoryPlan(cache_bytes(parts, len(lengths), capacity), work)
 
 
@@ -99,6 +106,7 @@ def check_fits(
     *,
     compressed: bool,
     capacity_for: Callable[[int], int],
+    whole_layer_bytes: int = 0,
 ) -> MemoryPlan:
     """Raise :class:`NotEnoughMemoryError` if the plan exceeds the free device memory.
 
@@ -109,8 +117,10 @@ def check_fits(
         chunk: prefill chunk length.
         compressed: whether a budget limits the cache (else it holds every prompt token).
         capacity_for: cache slots a single prompt of a given length would need (for suggestions).
+        whole_layer_bytes: the prefill's allowance for whole-layer attention.
     """
-    the_plan = plan(parts, lengths, capacity, chunk)
+    wb = whole_layer_bytes
+    the_plan = plan(parts, lengths, capacity, chunk, wb)
     free = available_bytes(parts.device)
     if free is None or the_plan.total <= free:
         return the_plan
@@ -119,17 +129,17 @@ def check_fits(
     if not compressed:
         hints.append("compress the cache (e.g. budget=2048)")
     if b > 1:
-        fit_rows = max(r for r in range(0, b) if r == 0 or plan(parts, [n] * r, capacity, chunk).total <= free)
+        fit_rows = max(r for r in range(0, b) if r == 0 or plan(parts, [n] * r, capacity, chunk, wb).total <= free)
         if fit_rows:
             hints.append(f"{fit_rows} rows per batch instead of {b}")
     if chunk > 2048:
-        smaller = plan(parts, lengths, capacity, 2048)
+        smaller = plan(parts, lengths, capacity, 2048, wb)
         if smaller.total <= free:
             hints.append("prefill_chunk=2048")
     lo, hi = 0, n
     while lo < hi:  # the longest single prompt that fits with these settings
         mid = (lo + hi + 1) // 2
-        if plan(parts, [mid], capacity_for(mid), chunk).total <= free:
+        if plan(parts, [mid], capacity_for(mid), chunk, wb).total <= free:
             lo = mid
         else:
             hi = mid - 1

@@ -5,7 +5,9 @@ For each row and layer:
 1. keys and values of the whole prompt, computed in chunks of ``chunk`` rows;
 2. queries chunk by chunk, attending bottom-right-causally to the keys so far; the attention
    output and then the MLP update the residual stream in place (so activations never exceed
-   one chunk); the observation window's queries are kept as they pass;
+   one chunk); the observation window's queries are kept as they pass. Where one layer's
+   queries and attention output fit a byte allowance, they are computed with the keys and a
+   single causal attention call covers the layer (faster; the MLP still runs by chunks);
 3. the layer is scored and selected with the project's :class:`~snapkv.methods.Method`
    (the fused Triton votes when available), its kept K/V are written into the static cache,
    and its full K/V are freed before the next layer.
@@ -27,7 +29,7 @@ from snapkv.core.budgets import layer_budget
 from snapkv.core.scoring import pool_votes
 from snapkv.core.selection import gather_positions, select_topk
 from snapkv.generation.adapter import DecoderParts
-from snapkv.generation.attention import causal_chunk_attention
+from snapkv.generation.attention import causal_chunk_attention, whole_layer_attention
 from snapkv.generation.static_cache import StaticKVCache
 from snapkv.methods.base import Method, ScoreInputs
 from snapkv.methods.snapkv import SnapKV
@@ -140,39 +142,55 @@ def _prefill_row(
     backend: str,
     timer: PhaseTimer,
     num_layers: int,
+    whole_layer_bytes: int,
 ) -> torch.Tensor:
     """Prefill one prompt ``ids [n]``; write its kept K/V into ``cache`` row ``row``; last logits ``[V]``."""
     n = ids.numel()
-    hkv, d = parts.num_kv_heads, parts.head_dim
+    hq, hkv, d = parts.num_heads, parts.num_kv_heads, parts.head_dim
     positions = torch.arange(n, device=ids.device)[None]  # [1, n]
     timer.start("embed")
     x = parts.embed(ids[None])  # [1, n, H]: the residual stream, updated in place
     spans = [(s, min(n, s + chunk)) for s in range(0, n, chunk)]
+    whole = 2 * n * hq * d * x.element_size() <= whole_layer_bytes  # all queries at once fit
     for li in range(num_layers):
         layer = parts.layers[li]
         attn = layer.self_attn
         keys = torch.empty((1, hkv, n, d), dtype=x.dtype, device=x.device)
         values = torch.empty_like(keys)
+        queries = torch.empty((1, hq, n, d), dtype=x.dtype, device=x.device) if whole else None
         timer.start("kv")
         for s, e in spans:
             h = layer.input_layernorm(x[:, s:e])
             cos, sin = parts.rope(h, positions[:, s:e])
             keys[:, :, s:e], values[:, :, s:e] = parts.keys_values(li, h, cos, sin)
+            if queries is not None:
+                queries[:, :, s:e] = parts.queries(li, h, cos, sin)
         compress = kept[li] < n
         w = min(window, n)
-        q_win = torch.empty((1, parts.num_heads, w, d), dtype=x.dtype, device=x.device) if compress else None
+        q_win = torch.empty((1, hq, w, d), dtype=x.dtype, device=x.device) if compress else None
+        out = None
+        if queries is not None:  # one exact causal attention over the whole layer
+            timer.start("attention")
+            out = whole_layer_attention(queries, keys, values, parts.scaling)
+            if q_win is not None:
+                q_win.copy_(queries[:, :, n - w :])
+            del queries
         for s, e in spans:
             timer.start("attention")
-            h = layer.input_layernorm(x[:, s:e])
-            cos, sin = parts.rope(h, positions[:, s:e])
-            q = parts.queries(li, h, cos, sin)  # [1, Hq, c, D]
-            if q_win is not None and e > n - w:  # keep the window's queries as they pass
-                lo = max(s, n - w)
-                q_win[:, :, lo - (n - w) : e - (n - w)] = q[:, :, lo - s :]
-            o = causal_chunk_attention(q, keys[:, :, :e], values[:, :, :e], parts.scaling, backend)
+            if out is not None:
+                o = out[:, :, s:e]
+            else:  # this chunk's queries against the keys so far
+                h = layer.input_layernorm(x[:, s:e])
+                cos, sin = parts.rope(h, positions[:, s:e])
+                q = parts.queries(li, h, cos, sin)  # [1, Hq, c, D]
+                if q_win is not None and e > n - w:  # keep the window's queries as they pass
+                    lo = max(s, n - w)
+                    q_win[:, :, lo - (n - w) : e - (n - w)] = q[:, :, lo - s :]
+                o = causal_chunk_attention(q, keys[:, :, :e], values[:, :, :e], parts.scaling, backend)
             x[:, s:e] += attn.o_proj(o.transpose(1, 2).reshape(1, e - s, -1))
             timer.start("mlp")
             x[:, s:e] += layer.mlp(layer.post_attention_layernorm(x[:, s:e]))
+        del out
         timer.start("score")
         if q_win is not None:
             inputs = ScoreInputs(q_win, keys, None, w, parts.scaling, None, li)
@@ -197,6 +215,7 @@ def prefill(
     chunk: int = 8192,
     backend: str = "ref",
     num_layers: int | None = None,
+    whole_layer_bytes: int = 0,
 ) -> tuple[torch.Tensor, PrefillStats]:
     """Prefill every row into ``cache`` (sized by the caller) and return the last logits ``[B, V]``.
 
@@ -211,6 +230,9 @@ def prefill(
         backend: prefill attention backend (see :mod:`snapkv.generation.attention`).
         num_layers: run only the first layers (benchmarks of peak memory at full shape); the
             remaining layers' cache slots stay empty and the logits are not meaningful.
+        whole_layer_bytes: when a layer's queries and attention output fit in this many bytes,
+            attend over the whole layer in one call (torch's fastest exact kernel) instead of
+            by query chunks.
     """
     depth = parts.num_layers if num_layers is None else num_layers
     window = config.window if config is not None else 1
@@ -221,7 +243,9 @@ def prefill(
         n = ids.numel()
         kept = kept_per_layer(config, n, parts.num_layers, layer_profile)
         kept_all.append(kept)
-        logits.append(_prefill_row(parts, ids, cache, row, kept, method, window, chunk, backend, timer, depth))
+        logits.append(
+            _prefill_row(parts, ids, cache, row, kept, method, window, chunk, backend, timer, depth, whole_layer_bytes)
+        )
         cache.set_prompt_length(row, n)
     stats = PrefillStats([r.numel() for r in rows], [list(k) for k in zip(*kept_all, strict=True)])
     stats.phase_ms = timer.totals()
