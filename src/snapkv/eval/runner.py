@@ -130,9 +130,14 @@ class RecordFile:
                 if not line.endswith("\n"):
                     continue
                 good.append(line)
-                self.done[self.key(rec)] = rec["prompt_hash"]
+                self.done[self.key(rec)] = self.signature(rec)
             if len(good) != len(lines):
                 path.write_text("".join(good), encoding="utf-8")
+
+    @staticmethod
+    def signature(rec: dict[str, Any]) -> str:
+        """What must match for a record to count as done: prompt hash, decode cap, window."""
+        return f"{rec['prompt_hash']}/{rec.get('max_new_tokens')}/{rec.get('window')}"
 
     @staticmethod
     def key(rec: dict[str, Any]) -> tuple[Any, ...]:
@@ -146,7 +151,7 @@ class RecordFile:
             f.write(json.dumps(rec) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        self.done[self.key(rec)] = rec["prompt_hash"]
+        self.done[self.key(rec)] = self.signature(rec)
 
 
 def settings_for(methods: Sequence[str], modes: Sequence[str], budgets: Sequence[int | float]) -> list[Any]:
@@ -175,13 +180,17 @@ def run_plan(args: argparse.Namespace, plan: dict[str, Any], model: Any, codec: 
             for task in plan["tasks"]:
                 sample = make_sample(task, codec, length, index, args.seed)
                 todo = []
+                cap = min(sample.max_new_tokens, args.max_new_tokens or sample.max_new_tokens)
+                sig = RecordFile.signature({"prompt_hash": sample.prompt_hash, "max_new_tokens": cap,
+                                            "window": args.window})
                 for st in settings:
                     key = (args.model, task, length, index, st.method, st.mode, st.budget_label)
                     old = records.done.get(key)
-                    if old is not None and old != sample.prompt_hash:
+                    if old is not None and old != sig:
                         raise ValueError(
-                            f"{records.path} holds {key} with prompt hash {old}, now {sample.prompt_hash}: "
-                            "the prompts changed (seed, tokenizer or task code); use another --out"
+                            f"{records.path} holds {key} made with prompt hash/decode cap/window {old}, now {sig}: "
+                            "prompts or settings changed (seed, tokenizer, task code, --max-new-tokens, --window); "
+                            "use another --out"
                         )
                     if old is None:
                         todo.append(st)
