@@ -28,3 +28,12 @@ def no_grad():
     """Run a test without autograd (model tests: ``pytestmark = pytest.mark.usefixtures("no_grad")``)."""
     with torch.no_grad():
         yield
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one intra-op thread: tiny models gain nothing from more, and rounding is stable."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

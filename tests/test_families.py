@@ -25,7 +25,7 @@ from snapkv.integration.hf import cache_argument
 from test_scoring import check_selection, ref_scores
 from tiny_models import FAMILIES, FULL_ONLY, HYBRID, SLIDING_WINDOW, left_padded, tiny_model
 
-pytestmark = pytest.mark.usefixtures("no_grad")
+pytestmark = pytest.mark.usefixtures("no_grad", "one_thread")
 
 IMPLS = ("sdpa", "eager")
 _ids = itertools.count()

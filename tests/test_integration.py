@@ -16,7 +16,7 @@ from snapkv.integration.hf import cache_argument, decode_mask, key_valid_from_ma
 from snapkv.methods import H2O, RandomSelect, StreamingLLM
 from tiny_models import left_padded, tiny_model
 
-pytestmark = pytest.mark.usefixtures("no_grad")
+pytestmark = pytest.mark.usefixtures("no_grad", "one_thread")
 
 
 def _snapkv_keys() -> list[str]:
@@ -66,7 +66,7 @@ def test_left_padded_batch_equals_rows_alone(family, impl, pooling):
             alone_ids, alone_mask = ids[row : row + 1, -n:], mask[row : row + 1, -n:]
             alone = _generate(model, alone_ids, alone_mask, steps, **session.cache_kwargs(session.new_cache()))
             assert torch.equal(alone.sequences[0, n:], batch.sequences[row, ids.shape[1] :]), f"row {row}"
-            torch.testing.assert_close(torch.stack(alone.logits, 1)[0], batch_logits[row], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(torch.stack(alone.logits, 1)[0], batch_logits[row], rtol=1e-5, atol=5e-5)
 
 
 def test_fraction_budget_keeps_a_share_of_each_row():

@@ -23,6 +23,9 @@ from snapkv.core.scoring import pool_votes, reduce_gqa, window_votes
 from snapkv.core.selection import gather_positions, select_topk
 from snapkv.methods import H2O, ScoreInputs, SnapKV
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 # -- the dense reference -------------------------------------------------------------------
 
 

@@ -10,6 +10,9 @@ from hypothesis import strategies as st
 from snapkv.core.selection import Selection, gather_positions, select_topk
 from snapkv.methods import RandomSelect, ScoreInputs, SnapKV, StreamingLLM
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 
 @st.composite
 def selection_problems(draw):
