@@ -199,7 +199,7 @@ def test_compressed_decode_attends_to_exactly_the_kept_keys(family, impl, length
 
     with SnapKVSession(model, cfg) as session:
         cache = session.new_cache()
-        out, logits, tokens = _greedy_loop(model, ids, mask, cache, steps)
+        _, logits, tokens = _greedy_loop(model, ids, mask, cache, steps)
         assert cache.get_seq_length() == ids.shape[1] + steps  # positions continue at the original length
         # then several tokens in one forward (a follow-up question): causal among themselves
         chunk = torch.randint(3, 256, (ids.shape[0], 3), generator=torch.Generator().manual_seed(4))
@@ -223,10 +223,10 @@ def test_compressed_decode_attends_to_exactly_the_kept_keys(family, impl, length
         _check_compressed_layers(model, cache, ref, cfg, mask, steps + 3)
         for i in cache.compressed_layers():
             layer = cache.layers[i]
-            kept = torch.zeros(ids.shape[0], layer.keys.shape[1], ids.shape[1], dtype=torch.bool)
-            kept.scatter_(2, layer.positions.long(), layer.slot_valid()[:, None, : layer.positions.shape[-1]]
-                          .expand_as(layer.positions).clone())
-            ref.keep[i] = kept
+            pos = layer.positions.long()  # [B, Hkv, P]; filler slots hold 0 and must not count
+            real_slot = layer.slot_valid()[:, None, : pos.shape[-1]].expand_as(pos).long()
+            hits = torch.zeros(*pos.shape[:2], ids.shape[1], dtype=torch.long).scatter_add_(2, pos, real_slot)
+            ref.keep[i] = hits > 0
         m = mask
         for t in range(steps):
             m = torch.cat([m, torch.ones_like(tokens[:, :1])], dim=1)
