@@ -52,7 +52,8 @@ def accuracy_vs_budget(records: Sequence[dict[str, Any]], path: Path, title: str
             ax.set_ylim(-4, 104)
             ax.grid(alpha=0.3)
             if i == 0:
-                ax.set_title(task, fontsize=10)
+                n = len([r for r in rs if r["method"] == "full"])
+                ax.set_title(f"{task} (n={n} prompts)", fontsize=10)
             if j == 0:
                 ax.set_ylabel(f"{mode}\nscore (%)", fontsize=9)
             if i == len(modes) - 1:
@@ -117,9 +118,11 @@ def plot_all(records: Sequence[dict[str, Any]], out: Path) -> list[Path]:
     for (model, length), rs in sorted(group(records, "model", "length").items()):
         paths.append(accuracy_vs_budget(rs, out / f"acc_{model}_{length}.png", f"{model}, {length}-token prompts"))
     for (model,), rs in group(records, "model").items():
-        budgets = sorted({r["budget"] for r in rs if r["method"] == "snapkv"}, key=budget_key)
+        per_length = [{r["budget"] for r in g if r["method"] == "snapkv" and r["mode"] == "query"}
+                      for g in group(rs, "length").values()]
+        common = sorted(set.intersection(*per_length) if per_length else set(), key=budget_key)
         for task in NEEDLE_TASKS:
-            for b in budgets[:2]:  # the two tightest budgets show where compression bites
+            for b in common:  # budgets measured at every length of this model
                 p = needle_heatmaps(rs, out / f"needle_{model}_{task}_{b}.png", task, b)
                 if p is not None:
                     paths.append(p)
