@@ -158,12 +158,19 @@ def write(
 
 
 def merge_files(paths: list[Path], out_dir: Path) -> dict[str, Path]:
-    """One report from several ``bench.json`` files of the same device and model (parts of a sweep)."""
-    metas, results = [], []
+    """One report from several ``bench.json`` files of the same device and model (parts of a sweep).
+
+    Points are kept in file order; a point that appears in several files keeps its first result.
+    """
+    metas, results, seen = [], [], set()
     for path in paths:
         data = json.loads(Path(path).read_text())
         metas.append(data["meta"])
-        results += data["results"]
+        for r in data["results"]:  # a point measured twice keeps its first measurement
+            key = (r["label"], r["length"], r["batch"])
+            if key not in seen:
+                seen.add(key)
+                results.append(r)
     meta = dict(metas[0])
     meta["command"] = " ; ".join(m.get("command", "") for m in metas)
     meta["date"] = " ; ".join(sorted({m.get("date", "") for m in metas}))

@@ -54,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=_length, default=None, help="gpu preset: longest prompt")
     parser.add_argument("--hf-max-tokens", type=_length, default=None, help="skip hf above this many batch tokens")
     parser.add_argument("--part", type=int, choices=(1, 2), default=None,
-                        help="gpu preset: part 1 (up to 256K) or 2 (512K, 1M): each fits one 10-minute command")
+                        help="gpu preset: part 1 (batch 1 to 128K, 8 x 128K) or part 2 (the rest)")
     parser.add_argument("--merge", type=Path, nargs="+", default=None,
                         help="merge these bench.json files into one report under --out (no model is run)")
     parser.add_argument("--partial-layers", type=int, default=4,
@@ -66,7 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attention-backend", default=None, help="prefill attention: flash, cudnn or ref")
     parser.add_argument("--no-graph", action="store_true", help="decode eagerly (no CUDA graph)")
     parser.add_argument("--no-fused", action="store_true", help="decode without the fused Triton kernels")
-    parser.add_argument("--no-warmup", action="store_true", help="measure cold (no discarded warm-up run)")
+    parser.add_argument("--no-warmup", action="store_true",
+                        help="measure cold (no discarded warm-up run; CPU runs never warm up)")
     parser.add_argument("--time-budget", type=float, default=None,
                         help="seconds; points left when it runs out are reported as skipped")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default runs/bench-<time>)")
@@ -257,7 +258,7 @@ def run(args: argparse.Namespace) -> int:
     meta["options"] = vars(sweep.options)
     print(f"# {meta['device']} | {description} | torch {meta['torch']} | transformers {meta['transformers']}",
           flush=True)
-    if not args.no_warmup:
+    if not args.no_warmup and device.type == "cuda":
         meta["warmup_s"] = warm_up(model, sweep)
         print(f"# warm-up (discarded): {meta['warmup_s']:.1f} s", flush=True)
     results: list[dict[str, Any]] = []

@@ -95,13 +95,16 @@ def gpu_points(max_length: int = 1024 * K, partial_layers_1m: int = 4) -> list[P
 
 
 def split_parts(points: list[Point], part: int | None) -> list[Point]:
-    """Part 1: prompts up to 256K (the transformers baseline up to 128K); part 2: the rest.
+    """Part 1: batch 1 up to 128K with the target budget and both baselines, and eight 128K prompts;
+    part 2: everything else (256K to 1M, the other budgets, batches 2-8 at 16K, ablations).
 
-    One device command may run 10 minutes; the whole GPU preset takes about twice that.
+    One device command may run 10 minutes; the whole GPU preset takes about 11 (part 1 about 3.5,
+    leaving room for the checks and tests in the same command; part 2 about 7.5).
     """
     if part is None:
         return points
-    first = [p for p in points if p.length <= 256 * K and not (p.mode == "hf" and p.length > 128 * K)]
+    first = [p for p in points if p.length <= 128 * K and not p.variant and p.budget in (None, 2048)
+             and (p.batch == 1 or p.length == 128 * K)]
     if part == 1:
         return first
     if part == 2:
