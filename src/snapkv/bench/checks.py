@@ -204,6 +204,31 @@ def graph_vs_eager() -> dict[str, Any]:
             f"{graph_diff:.1e}", "fused_vs_plain_rel_err": f"{fused_err:.1e}", "cache_in_place": same_buffer}
 
 
+def whole_layer_long(n: int = 1 << 20) -> dict[str, Any]:
+    """One causal attention call over ``n`` positions (more than 2^31 query elements at 1M) against
+    the query-chunk path on slices of rows: the whole-layer path is exact at that size too."""
+    from snapkv.generation.attention import whole_layer_attention
+
+    q = torch.randn(1, 32, n, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 8, n, 128, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    scale = 128**-0.5
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = whole_layer_attention(q, k, v, scale)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    worst = 0.0
+    for lo, hi in ((0, 4096), (n // 2 - 2048, n // 2 + 2048), (n - 4096, n)):
+        ref = causal_chunk_attention(q[:, :, lo:hi], k[:, :, :hi], v[:, :, :hi], scale, "cudnn_gqa")
+        worst = max(worst, rel(out[:, :, lo:hi], ref))
+    flops = 2 * 2 * 32 * 128 * n * n / 2
+    del q, k, v, out
+    torch.cuda.empty_cache()
+    return {"ok": worst < 2e-2, "rel_err_vs_chunks": f"{worst:.1e}", "seconds": round(seconds, 2),
+            "tflops": round(flops / seconds / 1e12)}
+
+
 def oom_recovery() -> dict[str, Any]:
     """A prompt that cannot fit is refused before prefill with a hint; a forced OOM leaves the engine usable."""
     from snapkv.bench.models import random_model
@@ -249,11 +274,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m snapkv.bench.checks")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--quick", action="store_true", help="skip the engine-vs-transformers model checks")
+    parser.add_argument("--long", type=int, default=0,
+                        help="only check whole-layer attention at this many positions (e.g. 1048576)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA device: GPU checks skipped")
         return 0
     torch.manual_seed(0)
+    if args.long:
+        check(f"whole-layer attention at {args.long} positions vs query chunks", lambda: whole_layer_long(args.long))
+        return 0 if RESULTS[-1]["ok"] else 1
     prefill_attention_checks()
     check("decode attention vs float64 twin", decode_attention_check)
     check("window votes at 128K (dispatch vs torch twin)", scoring_speed)

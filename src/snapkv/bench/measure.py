@@ -63,6 +63,7 @@ class Options:
     backend: str | None = None
     use_graph: bool | None = None
     fused: bool | None = None
+    whole_layer_bytes: int | None = None
     seed: int = 0
 
 
@@ -158,7 +159,7 @@ def _engine_point(model: torch.nn.Module, point: Point, opts: Options, res: Resu
     use_graph = False if point.variant == "eager" else opts.use_graph
     fused = False if point.variant == "unfused" else opts.fused
     engine = Engine(model, config, prefill_chunk=opts.prefill_chunk, attention_backend=opts.backend,
-                    use_graph=use_graph, fused=fused)
+                    use_graph=use_graph, fused=fused, whole_layer_bytes=opts.whole_layer_bytes)
     parts = engine.parts
     device = parts.device
     ids = _prompt(point, parts.vocab_size, device, opts.seed)

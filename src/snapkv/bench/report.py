@@ -106,8 +106,12 @@ def markdown(meta: dict[str, Any], results: list[dict[str, Any]], verdicts: list
     return "\n".join(lines) + "\n"
 
 
-def plot(results: list[dict[str, Any]], path: Path) -> bool:
-    """Decode latency, TTFT and peak memory versus prompt length (batch 1); False without matplotlib."""
+def plot(results: list[dict[str, Any]], path: Path, capacity_gib: float | None = None) -> bool:
+    """Decode latency, TTFT and peak memory versus prompt length (batch 1); False without matplotlib.
+
+    A prefill run through only the first layers shows its estimated full-depth TTFT (hollow marker);
+    out-of-memory points are crosses on the device's capacity line.
+    """
     try:
         import matplotlib
 
@@ -118,25 +122,35 @@ def plot(results: list[dict[str, Any]], path: Path) -> bool:
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     labels = sorted({r["label"] for r in results}, key=lambda s: (s != "hf", s != "full", s))
     for label in labels:
-        rows = sorted((r for r in results if r["label"] == label and r["batch"] == 1 and r["status"] == "ok"),
-                      key=lambda r: r["length"])
-        if not rows:
-            continue
-        x = [r["length"] for r in rows]
+        rows = sorted((r for r in results if r["label"] == label and r["batch"] == 1), key=lambda r: r["length"])
+        ok = [r for r in rows if r["status"] == "ok"]
+        color = None
         for ax, key in zip(axes, ("decode_ms", "ttft_s", "peak_gib"), strict=True):
-            pts = [(xi, r[key]) for xi, r in zip(x, rows, strict=True) if r.get(key) is not None]
+            pts = [(r["length"], r[key]) for r in ok if r.get(key) is not None and not (key == "ttft_s"
+                                                                                      and r.get("layers_run"))]
             if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", label=label)
+                (line,) = ax.plot(*zip(*pts, strict=True), marker="o", label=label, color=color)
+                color = line.get_color()
+        est = [(r["length"], r["ttft_full_depth_est_s"]) for r in ok if r.get("ttft_full_depth_est_s")]
+        if est:
+            axes[1].plot(*zip(*est, strict=True), marker="o", linestyle="none", markerfacecolor="none",
+                         color=color, label=f"{label} (est. full depth)")
+        oom = [r["length"] for r in rows if r["status"] == "oom"]
+        if oom and capacity_gib:
+            axes[2].plot(oom, [capacity_gib] * len(oom), marker="x", linestyle="none", color=color,
+                         markersize=9, label=f"{label} out of memory")
+    if capacity_gib:
+        axes[2].axhline(capacity_gib, color="grey", linestyle="--", linewidth=1)
     titles = ("decode ms/token (batch 1)", "time to first token, s", "peak GPU memory, GiB")
     for ax, title in zip(axes, titles, strict=True):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("prompt tokens")
         ax.set_title(title)
         ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     axes[0].set_yscale("log")
     axes[1].set_yscale("log")
-    if axes[0].get_legend_handles_labels()[0]:
-        axes[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -152,7 +166,7 @@ def write(
     paths = {"json": out_dir / "bench.json", "md": out_dir / "bench.md"}
     paths["json"].write_text(json.dumps({"meta": meta, "results": results, "targets": verdicts}, indent=1))
     paths["md"].write_text(markdown(meta, results, verdicts))
-    if with_plot and plot(results, out_dir / "bench.png"):
+    if with_plot and plot(results, out_dir / "bench.png", meta.get("capacity_gib")):
         paths["png"] = out_dir / "bench.png"
     return paths
 

@@ -58,7 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--merge", type=Path, nargs="+", default=None,
                         help="merge these bench.json files into one report under --out (no model is run)")
     parser.add_argument("--partial-layers", type=int, default=4,
-                        help="layers the 1M prefill runs through (of the full-weight model)")
+                        help="layers the 1M prefill runs through (of the full-weight model); 0: all")
+    parser.add_argument("--whole-layer-gib", type=float, default=None,
+                        help="prefill attends over a whole layer at once when its queries and output fit "
+                             "in this many GiB (default 4 on CUDA)")
     parser.add_argument("--steps", type=int, default=None, help="timed decode steps per point")
     parser.add_argument("--warmup", type=int, default=None, help="decode steps discarded before timing")
     parser.add_argument("--prefill-chunk", type=int, default=None, help="prefill rows per chunk")
@@ -90,7 +93,8 @@ def _sweep(args: argparse.Namespace, device: torch.device) -> Sweep:
             args.budgets or sorted({p.budget for p in base if p.budget}) or [2048],
             args.modes or MODES,
             hf_max_tokens=args.hf_max_tokens,
-            partial_layers={n: args.partial_layers for n in (args.lengths or []) if n >= 1024 * 1024},
+            partial_layers={n: args.partial_layers for n in (args.lengths or [])
+                            if n >= 1024 * 1024 and args.partial_layers},
         )
     elif args.hf_max_tokens:
         sweep.points = [p for p in sweep.points if p.mode != "hf" or p.length * p.batch <= args.hf_max_tokens]
@@ -103,6 +107,8 @@ def _sweep(args: argparse.Namespace, device: torch.device) -> Sweep:
         o.use_graph = False
     if args.no_fused:
         o.fused = False
+    if args.whole_layer_gib is not None:
+        o.whole_layer_bytes = int(args.whole_layer_gib * GiB)
     if args.model:
         sweep.model = args.model
     if args.model_layers:
@@ -215,6 +221,7 @@ def environment(device: torch.device, model: torch.nn.Module, description: str) 
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         meta["device"] = f"{props.name}, {props.total_memory / GiB:.1f} GiB, {props.multi_processor_count} SMs"
+        meta["capacity_gib"] = props.total_memory / GiB
         meta["cuda"] = torch.version.cuda
         bw = copy_bandwidth(device)
         weights = sum(p.numel() * p.element_size() for p in model.parameters())

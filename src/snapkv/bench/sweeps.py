@@ -81,7 +81,7 @@ def gpu_points(max_length: int = 1024 * K, partial_layers_1m: int = 4) -> list[P
     pts += grid(long, budgets=(2048,), modes=("snapkv", "full"))
     if 1024 * K <= max_length:
         pts += grid([1024 * K], budgets=(2048,), modes=("full", "snapkv"),
-                    partial_layers={1024 * K: partial_layers_1m})
+                    partial_layers={1024 * K: partial_layers_1m} if partial_layers_1m else None)
     # 4. what the fused kernels and the CUDA graph each bring (budget 2048, 16K, batch 1).
     if 16 * K <= max_length:
         pts += [Point("snapkv", 16 * K, 1, 2048, variant=v) for v in ("unfused", "eager")]
