@@ -18,6 +18,7 @@ own weights; nothing is copied or patched.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,6 +39,10 @@ try:  # the fused scoring kernel (Triton on CUDA, torch twin elsewhere), when it
     from snapkv.kernels.dispatch import reduced_window_votes
 except ImportError:  # pragma: no cover - exercised only without the kernels package
     reduced_window_votes = None
+
+
+_PROGRESS = os.environ.get("SNAPKV_PREFILL_PROGRESS") == "1"
+_T0 = [time.perf_counter()]
 
 
 class PhaseTimer:
@@ -198,6 +203,10 @@ def _prefill_row(
         timer.start("cache")
         cache.load(li, row, keys[0], values[0])
         del keys, values  # this layer's full KV is gone before the next layer starts
+        if _PROGRESS:  # long prompts: one line per layer (synchronizes; off by default)
+            if x.is_cuda:
+                torch.cuda.synchronize(x.device)
+            print(f"prefill row {row} layer {li + 1}/{num_layers}: {time.perf_counter() - _T0[0]:.1f} s", flush=True)
     timer.start("logits")
     logits = parts.lm_head(parts.norm(x[:, -1:]))[0, -1]  # [V]
     timer.stop()
@@ -236,6 +245,7 @@ def prefill(
     """
     depth = parts.num_layers if num_layers is None else num_layers
     window = config.window if config is not None else 1
+    _T0[0] = time.perf_counter()
     timer = PhaseTimer(parts.device)
     logits = []
     kept_all = []
