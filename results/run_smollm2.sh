@@ -2,7 +2,7 @@
 # SmolLM2 runs behind docs/RESULTS.md (resumable: rerun the same line to continue).
 set -u
 cd "$(dirname "$0")/.."
-E="python -m snapkv.eval.runner --model smollm2 --tasks passkey,niah_single_1,niah_single_2 --samples 10 --threads 1 --no-progress"
+E="python -m snapkv.eval.runner --model smollm2 --tasks passkey,niah_single_1,niah_single_2 --samples ${SAMPLES:-10} --threads 1 --no-progress"
 case "${1:-2k}" in
   2k) $E --lengths 2k --budgets 64,128,256,1024 --methods full,snapkv,pyramidkv,streaming,random,h2o \
          --modes query,context,probe --out results/smollm2-2k ;;
