@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-import transformers
 from transformers import AttentionInterface, DynamicCache
 from transformers.masking_utils import AttentionMaskInterface
 
@@ -328,13 +327,6 @@ def test_crop_removes_appended_tokens():
     torch.testing.assert_close(redo, full[:, 2:], rtol=0, atol=1e-6)
 
 
-@pytest.mark.xfail(
-    condition=tuple(int(x) for x in transformers.__version__.split(".")[:2]) < (5, 18),
-    strict=True,
-    raises=AssertionError,
-    reason="src bug: CompressedLayer.crop subtracts the argument itself from `seen`; transformers < 5.18 also "
-    "accepts a positive crop(max_length), which then leaves seen = old seen - max_length",
-)
 def test_crop_legacy_positive_length():
     model = tiny_model("llama")
     ids, mask = left_padded([40], seed=14)
@@ -401,12 +393,6 @@ def test_capture_then_derive_equals_direct_compression(family):
     assert not torch.allclose(want["a"], want["b"], atol=1e-4)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="src bug: SnapKVSession.derive(config=...) scores with the session's method, built from the "
-    "session's config, so the new config's kernel/pooling/gqa_reduce are silently ignored",
-)
 def test_derive_with_a_config_uses_its_scoring_settings():
     model = tiny_model("llama")
     ids, mask = left_padded([40, 31], seed=17)

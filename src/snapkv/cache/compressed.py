@@ -104,8 +104,9 @@ class CompressedLayer(DynamicLayer):
     def crop(self, tokens_to_remove: int) -> None:
         """Remove the last ``-tokens_to_remove`` appended tokens."""
         self._no_ragged("crop")
+        before = self.physical_length
         super().crop(tokens_to_remove)
-        self.seen -= abs(tokens_to_remove)
+        self.seen -= before - self.physical_length
 
     def reset(self) -> None:
         """Forget everything, compression included."""

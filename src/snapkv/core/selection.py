@@ -54,7 +54,7 @@ def select_topk(
     scores[..., length - window :] = float("inf")
     if key_valid is not None:
         scores.masked_fill_(~key_valid[:, None, :], float("-inf"))
-    p = int(n_keep.max())
+    p = min(int(n_keep.max()), length)
     # Stable sort, not topk: among tied scores (max pooling makes many) the earlier position wins,
     # whatever padding precedes the row, so a padded batch row selects as it would alone.
     top_vals, top_idx = (t[..., :p] for t in scores.sort(dim=-1, descending=True, stable=True))  # [B, H, P]

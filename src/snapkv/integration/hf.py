@@ -98,6 +98,11 @@ def decode_mask(layer: CompressedLayer, q_len: int, kind: str, dtype: torch.dtyp
     return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
+def _snapkv_from(config: SnapKVConfig) -> SnapKV:
+    return SnapKV(kernel=config.kernel, pooling=config.pooling, gqa_reduce=config.gqa_reduce,
+                  chunk_size=config.chunk_size)
+
+
 @dataclass
 class LayerStats:
     """What compression did to one layer."""
@@ -155,9 +160,9 @@ class SnapKVSession:
             raise ValueError(f"alpha must lie in [0, 1], got {self.alpha!r}")
         if isinstance(self.slack, bool) or not isinstance(self.slack, int) or self.slack < 1:
             raise ValueError(f"slack must be an integer >= 1 (new tokens per head), got {self.slack!r}")
+        self._default_method = self.method is None
         if self.method is None:
-            c = self.config
-            self.method = SnapKV(kernel=c.kernel, pooling=c.pooling, gqa_reduce=c.gqa_reduce, chunk_size=c.chunk_size)
+            self.method = _snapkv_from(self.config)
         text = _text_config(self.model)
         self.backend = text._attn_implementation or "eager"
         if self.backend not in SUPPORTED_BACKENDS:
@@ -227,7 +232,9 @@ class SnapKVSession:
         """
         if not self.captured:
             raise RuntimeError("derive() needs a prefill run with SnapKVSession(..., capture=True)")
-        method = method or self.method
+        if method is None:  # a config of its own brings its own SnapKV settings
+            use_config = config is not None and self._default_method
+            method = _snapkv_from(config) if use_config else self.method
         config = config or self.config
         profile = layer_profile or self.layer_profile
         window = window or config.window
