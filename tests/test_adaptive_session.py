@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.tiny_models import left_padded, tiny_model
 
 from snapkv import SnapKVConfig, SnapKVSession
+from tests.tiny_models import left_padded, tiny_model
 
 pytestmark = pytest.mark.usefixtures("no_grad")
 

@@ -39,7 +39,9 @@ def _check_split(devices: list[str], family: str = "llama") -> None:
     for a, b in zip(ref.logits, out.logits, strict=True):
         torch.testing.assert_close(a, b.cpu(), atol=1e-4, rtol=1e-4)
     for i, layer in enumerate(cache.layers):
-        want = next(model.model.layers[i].parameters()).device
+        module = model.model.layers[i]  # accelerate runs CPU-offloaded layers on its execution device
+        hook = getattr(module, "_hf_hook", None)
+        want = torch.device(getattr(hook, "execution_device", None) or next(module.parameters()).device)
         assert layer.keys.device == want and layer.values.device == want
         if getattr(layer, "compressed", False):
             assert layer.pad.device == want and layer.positions.device == want
