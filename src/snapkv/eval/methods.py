@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import torch
 
-from snapkv.core.scoring import reduce_gqa
 from snapkv.methods import H2O, Method, RandomSelect, SnapKV, StreamingLLM
 from snapkv.methods.base import ScoreInputs
 
@@ -32,38 +31,6 @@ class CachedScores(Method):
         if key not in self._memo:
             self._memo[key] = self.inner.score(inputs)
         return self._memo[key]
-
-
-class ChunkedH2O(H2O):
-    """:class:`~snapkv.methods.H2O` whose query chunks are reshaped, not viewed.
-
-    ``H2O.score`` calls ``.view`` on a slice of fp32 queries, which fails for prompts longer
-    than one chunk; this twin computes the same accumulated attention with ``reshape``.
-    """
-
-    def score(self, inputs: ScoreInputs) -> torch.Tensor:
-        q, k = inputs.queries, inputs.keys
-        b, hq, lq, d = q.shape
-        _, hkv, length, _ = k.shape
-        if lq != length:
-            raise ValueError(f"H2O needs every prefill query ({length}), got {lq}")
-        g = hq // hkv
-        acc = torch.zeros((b, hkv, g, length), device=k.device)
-        kf = k.float()
-        key_pos = torch.arange(length, device=k.device)
-        for start in range(0, lq, self.chunk_size):
-            qc = q[:, :, start : start + self.chunk_size].float()  # [B, Hq, C, D]
-            c = qc.shape[2]
-            logits = torch.matmul(qc.reshape(b, hkv, g * c, d), kf.transpose(-1, -2)) * inputs.scaling
-            if inputs.softcap is not None:
-                logits = torch.tanh(logits / inputs.softcap) * inputs.softcap
-            q_pos = start + torch.arange(c, device=k.device).repeat(g)
-            allowed = (key_pos[None, :] <= q_pos[:, None])[None, None]
-            if inputs.key_valid is not None:
-                allowed = allowed & inputs.key_valid[:, None, None, :]
-            probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
-            acc += probs.view(b, hkv, g, c, length).sum(3)
-        return reduce_gqa(acc.view(b, hq, length), hkv, self.gqa_reduce)
 
 
 @dataclass(frozen=True)
@@ -89,7 +56,7 @@ METHODS: dict[str, EvalMethod] = {
     "pyramidkv": EvalMethod("pyramidkv", lambda: SnapKV(kernel=7, pooling="max"), "pyramid", True),
     "streaming": EvalMethod("streaming", lambda: StreamingLLM(sinks=4)),
     "random": EvalMethod("random", lambda: RandomSelect(seed=0)),
-    "h2o": EvalMethod("h2o", lambda: ChunkedH2O(), "uniform", True),
+    "h2o": EvalMethod("h2o", lambda: H2O(), "uniform", True),
 }
 
 #: ``query``: the question is in the prompt when the cache is compressed (the paper's setting).
