@@ -23,7 +23,7 @@ from snapkv.cache.compressed import CompressedLayer
 from snapkv.core.selection import Selection
 from snapkv.integration.hf import cache_argument
 from test_scoring import check_selection, ref_scores
-from tiny_models import FAMILIES, FULL_ONLY, HYBRID, SLIDING_WINDOW, left_padded, tiny_model
+from tiny_models import FAMILIES, FULL_ONLY, HYBRID, SLIDING_WINDOW, greedy_generate, left_padded, tiny_model
 
 pytestmark = pytest.mark.usefixtures("no_grad", "one_thread")
 
@@ -109,16 +109,7 @@ def _greedy_loop(model, ids, mask, cache, steps, tokens=None):
     return out, torch.stack(logits, 1), torch.cat(fed, 1) if fed else None
 
 
-def _generate(model, ids, mask, steps, **kwargs):
-    return model.generate(
-        input_ids=ids,
-        attention_mask=mask,
-        max_new_tokens=steps,
-        do_sample=False,
-        output_logits=True,
-        return_dict_in_generate=True,
-        **kwargs,
-    )
+_generate = greedy_generate
 
 
 # -- nothing removed: identical logits ------------------------------------------------------

@@ -13,7 +13,7 @@ from snapkv import SnapKVCache, SnapKVConfig, SnapKVSession
 from snapkv.cache.compressed import CompressedLayer
 from snapkv.integration.hf import cache_argument, decode_mask, key_valid_from_mask
 from snapkv.methods import H2O, RandomSelect, StreamingLLM
-from tiny_models import left_padded, tiny_model
+from tiny_models import greedy_generate, left_padded, tiny_model
 
 pytestmark = pytest.mark.usefixtures("no_grad", "one_thread")
 
@@ -27,16 +27,7 @@ def _snapkv_keys() -> list[str]:
     ]
 
 
-def _generate(model, ids, mask, steps, **kwargs):
-    return model.generate(
-        input_ids=ids,
-        attention_mask=mask,
-        max_new_tokens=steps,
-        do_sample=False,
-        output_logits=True,
-        return_dict_in_generate=True,
-        **kwargs,
-    )
+_generate = greedy_generate
 
 
 # -- batches ---------------------------------------------------------------------------------

@@ -171,19 +171,9 @@ def _interpreter_main(seed: int) -> None:
     """Subprocess body: run every case through the interpreter, one JSON line each."""
     import time
 
-    import numpy as np
-    from triton.runtime import interpreter
+    from triton_interp import patch_interpreter_for_numpy  # tests/ is sys.path[0] in the subprocess
 
-    if tuple(int(p) for p in np.__version__.split(".")[:2]) >= (2, 4):
-        # triton-lang/triton#9171: numpy >= 2.4 refuses int() of the interpreter's 1-element
-        # scalars, which breaks every loop with a runtime bound. Apply the upstream fix.
-        original = interpreter._patch_lang_tensor
-
-        def patched(tensor: Any, scope: Any) -> None:
-            original(tensor, scope)
-            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-        interpreter._patch_lang_tensor = patched
+    patch_interpreter_for_numpy()
 
     from snapkv.kernels import score
 

@@ -145,19 +145,9 @@ def run_decode_path(device: str, seed: int, use_kernel: bool, dtype: torch.dtype
 
 def _interpreter_main(seed: int) -> None:
     """Subprocess body: every case through the interpreter, one JSON line each."""
-    import numpy as np
-    from triton.runtime import interpreter
+    from triton_interp import patch_interpreter_for_numpy  # tests/ is sys.path[0] in the subprocess
 
-    if tuple(int(p) for p in np.__version__.split(".")[:2]) >= (2, 4):
-        # triton-lang/triton#9171: numpy >= 2.4 refuses int() of the interpreter's 1-element
-        # scalars, which breaks loops with runtime bounds. Apply the upstream fix.
-        original = interpreter._patch_lang_tensor
-
-        def patched(tensor: Any, scope: Any) -> None:
-            original(tensor, scope)
-            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-        interpreter._patch_lang_tensor = patched
+    patch_interpreter_for_numpy()
 
     for i, case in enumerate(CASES):
         print(json.dumps({"name": case["name"], **run_case(case, "cpu", seed + i)}), flush=True)

@@ -126,3 +126,16 @@ def left_padded(lengths: list[int], seed: int = 0, vocab: int = 256) -> tuple[to
         ids[row, width - n :] = torch.randint(3, vocab, (n,), generator=gen)
         mask[row, width - n :] = 1
     return ids, mask
+
+
+def greedy_generate(model, ids, mask, steps, **kwargs):
+    """Greedy ``generate`` returning sequences and per-step logits."""
+    return model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=steps,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        **kwargs,
+    )
