@@ -16,12 +16,20 @@ Times are medians in microseconds from ``triton.testing.do_bench`` (eager launch
 ``do_bench_cudagraph`` (launch overhead removed, as in the captured decode loop), for attention
 alone and for a decode step (append the new token in place, then attend; the append is undone
 after each call so every call sees the same lengths). Memory: bytes the layer reports and the
-allocator's measured growth. Not a test; writes one JSON file.
+allocator's measured growth.
+
+``--model-prompts 8192 32768`` adds a whole-model comparison through the transformers path
+(``SnapKVSession``, ``model.generate``, sdpa): a Llama-3-8B-shaped model with random bf16
+weights (``--model-layers``, default 32), a random-token prompt, and for each budget uniform
+SnapKV against head-adaptive (ragged) SnapKV at the same total, plus the full cache: median
+ms per decoded token (CUDA-synchronized timestamps of each generated token), the cache's bytes
+after the prompt, and peak allocated memory. Not a test; writes one JSON file.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from collections.abc import Callable
@@ -209,6 +217,79 @@ def sweep(batch: int, budget: int, slack: int, dtype: torch.dtype) -> list[dict[
     return rows
 
 
+class _TokenClock:
+    """A generate() streamer that records a synchronized timestamp per generated token."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        import time
+
+        if not self._prompt_seen:  # generate() first hands over the prompt
+            self._prompt_seen = True
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.stamps.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def model_decode(prompts: list[int], budgets: list[int], layers: int, new_tokens: int) -> list[dict[str, Any]]:
+    """Whole-model decode: full cache, uniform SnapKV and head-adaptive SnapKV, side by side."""
+    import statistics
+
+    import transformers as tf
+
+    from snapkv import SnapKVConfig, SnapKVSession
+    from snapkv.integration.hf import cache_argument
+
+    cfg = tf.LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
+                         num_attention_heads=HQ, num_key_value_heads=HKV, head_dim=D, rope_theta=500000.0,
+                         max_position_embeddings=max(prompts) + new_tokens + 64)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        model = tf.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    rows = []
+    for n in prompts:
+        ids = torch.randint(0, cfg.vocab_size, (1, n), generator=torch.Generator().manual_seed(n)).to(DEVICE)
+        settings: list[tuple[str, int | None]] = [("full", None)]
+        settings += [(mode, b) for b in budgets for mode in ("uniform", "adaptive")]
+        for mode, budget in settings:
+            clock = _TokenClock()
+            cuda = DEVICE == "cuda"
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated() if cuda else 0
+            gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, streamer=clock,
+                       pad_token_id=0)
+            with torch.no_grad():
+                if budget is None:
+                    cache = tf.DynamicCache(config=cfg)
+                    out = model.generate(ids, **{cache_argument(model): cache}, **gen)
+                    kv = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+                else:
+                    with SnapKVSession(model, SnapKVConfig(budget=budget, window=WINDOW), head_budget=mode,
+                                       slack=new_tokens + 8) as s:
+                        cache = s.new_cache()
+                        out = model.generate(ids, **s.cache_kwargs(cache), **gen)
+                        kv = cache.kv_bytes()
+            steps = [b - a for a, b in itertools.pairwise(clock.stamps)]
+            row = {"prompt": n, "mode": mode, "budget": budget, "layers": layers, "new_tokens": out.shape[1] - n,
+                   "decode_ms_per_token": 1000 * statistics.median(steps), "cache_bytes_after": kv,
+                   "peak_gib": (torch.cuda.max_memory_allocated() - base) / 2**30 if cuda else float("nan")}
+            rows.append(row)
+            print(f"model n={n} {mode} budget={budget}: {row['decode_ms_per_token']:.2f} ms/token, "
+                  f"cache {kv / 2**20:.1f} MiB, peak +{row['peak_gib']:.2f} GiB", flush=True)
+            del cache, out
+    return rows
+
+
 def main() -> None:
     """Parse arguments, run every configuration, write JSON."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -218,20 +299,29 @@ def main() -> None:
     p.add_argument("--slack", type=int, default=256)
     p.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
     p.add_argument("--no-sweep", action="store_true", help="skip the launch-parameter sweep")
+    p.add_argument("--model-prompts", type=int, nargs="*", default=[],
+                   help="prompt lengths for the whole-model comparison (none: skip it)")
+    p.add_argument("--model-budgets", type=int, nargs="+", default=[1024, 2048])
+    p.add_argument("--model-layers", type=int, default=32)
+    p.add_argument("--model-new-tokens", type=int, default=64)
+    p.add_argument("--skip-layer", action="store_true", help="only the whole-model comparison")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_ragged needs CUDA")
     dtype = getattr(torch, args.dtype)
     result: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                               "shape": {"Hq": HQ, "Hkv": HKV, "D": D, "dtype": args.dtype}, "configs": []}
-    for b in args.batch:
+    for b in [] if args.skip_layer else args.batch:
         for budget in args.budgets:
             r = bench_config(b, budget, args.slack, dtype)
             result["configs"].append(r)
             t = r["times"]
             line = ", ".join(f"{n} {v['step_graph_us']:.1f}us" for n, v in t.items())
             print(f"B={b} P={budget} (decode step, graph): {line}", flush=True)
-    if not args.no_sweep:
+    if args.model_prompts:
+        result["model"] = model_decode(args.model_prompts, args.model_budgets, args.model_layers,
+                                       args.model_new_tokens)
+    if not args.no_sweep and not args.skip_layer:
         result["sweep"] = [row for b in args.batch for row in sweep(b, 2048, args.slack, dtype)]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))

@@ -74,3 +74,29 @@ def test_adaptive_slack_overflow_raises_and_snapshot_rewinds():
 def test_bad_session_options(kw, match):
     with pytest.raises(ValueError, match=match):
         SnapKVSession(tiny_model("llama"), SnapKVConfig(budget=40, window=8), **kw)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_derive_adaptive_equals_an_adaptive_session(family):
+    """One captured prefill derives the same ragged cache as a session compressing directly."""
+    model = tiny_model(family)
+    ids, mask = left_padded([120])
+    config = SnapKVConfig(budget=40, window=8)
+    direct, _, _ = _generate(model, ids, mask, config, n=4, head_budget="adaptive", alpha=0.3, slack=8)
+    with SnapKVSession(model, config, capture=True, slack=8) as s:
+        source = s.new_cache()
+        logits = model(input_ids=ids, **s.cache_kwargs(source)).logits[:, -1]
+        with pytest.raises(ValueError, match="head_budget must be one of"):
+            s.derive(source, head_budget="per-head")
+        with pytest.raises(ValueError, match=r"alpha must lie in \[0, 1\]"):
+            s.derive(source, head_budget="adaptive", alpha=1.5)
+        derived = s.derive(source, head_budget="adaptive", alpha=0.3)
+        assert any(getattr(layer, "ragged", None) is not None for layer in derived.layers)
+        assert all(getattr(layer, "ragged", None) is None for layer in source.layers)
+        assert s.head_budget == "uniform"  # derive() leaves the session's own setting alone
+        tokens = [int(logits.argmax(-1))]
+        for step in range(3):
+            pos = torch.tensor([[ids.shape[1] + step]])
+            out = model(input_ids=torch.tensor([[tokens[-1]]]), position_ids=pos, **s.cache_kwargs(derived))
+            tokens.append(int(out.logits[0, -1].argmax()))
+    assert tokens == direct.sequences[0, -4:].tolist()

@@ -41,7 +41,7 @@ def test_bad_input_fails_before_model_work(monkeypatch, capsys, argv, message) -
 def _smoke_args(out: Path, *extra: str):
     return eval_args("--model", "tiny", "--tasks", "passkey,niah_single_1", "--lengths", "400",
                      "--budgets", "48,0.25", "--samples", "1", "--window", "8", "--max-new-tokens", "2",
-                     "--methods", "full,snapkv,streaming,h2o",
+                     "--methods", "full,snapkv,adakv,streaming,h2o",
                      "--modes", "query,context,probe", "--out", str(out), "--no-progress", *extra)
 
 
@@ -50,7 +50,7 @@ def test_smoke_run_and_resume(tmp_path: Path) -> None:
     args = _smoke_args(tmp_path)
     plan = runner.check_plan(args)
     n = runner.run_plan(args, plan, model, codec)
-    per_sample = 1 + 3 * 2 * 2 + 2  # full; 3 methods x 2 budgets x (query, context); probe for snapkv only
+    per_sample = 1 + 4 * 2 * 2 + 2  # full; 4 methods x 2 budgets x (query, context); probe for snapkv only
     assert n == 2 * per_sample
     path = tmp_path / "records.jsonl"
     recs = [json.loads(line) for line in path.read_text().splitlines()]

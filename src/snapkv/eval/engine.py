@@ -104,7 +104,7 @@ def prefix_view(pre: Prefill, config: Any, length: int) -> Prefill:
 
 def _derive(session: SnapKVSession, pre: Prefill, setting: Setting, window: int, extra: int = 0) -> SnapKVCache:
     m = METHODS[setting.method]
-    scorer = "snapkv" if m.name == "pyramidkv" else m.name  # same votes, other layer budgets
+    scorer = m.scorer
     if scorer not in pre.methods:
         pre.methods[scorer] = CachedScores(m.make())
     budget = setting.budget
@@ -116,7 +116,7 @@ def _derive(session: SnapKVSession, pre: Prefill, setting: Setting, window: int,
     session.captured = pre.captured
     try:
         return session.derive(pre.cache, method=pre.methods[scorer], config=SnapKVConfig(budget=budget, window=window),
-                              layer_profile=m.profile, window=window)
+                              layer_profile=m.profile, window=window, head_budget=m.head_budget)
     finally:
         session.captured = saved
 

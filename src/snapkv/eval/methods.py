@@ -42,18 +42,27 @@ class EvalMethod:
         make: builds the selection method (None for the full cache).
         profile: layer budget profile (``uniform`` or ``pyramid``).
         uses_queries: whether scores come from prompt queries (so a probe window can help).
+        head_budget: ``uniform`` (every KV head keeps the budget) or ``adaptive`` (AdaKV: the
+            layer's heads share the total, ragged cache).
     """
 
     name: str
     make: Callable[[], Method] | None
     profile: str = "uniform"
     uses_queries: bool = False
+    head_budget: str = "uniform"
+
+    @property
+    def scorer(self) -> str:
+        """Methods with the same scorer share its memoized scores on one prefill."""
+        return "snapkv" if self.name in ("pyramidkv", "adakv") else self.name
 
 
 METHODS: dict[str, EvalMethod] = {
     "full": EvalMethod("full", None),
     "snapkv": EvalMethod("snapkv", lambda: SnapKV(kernel=7, pooling="max"), "uniform", True),
     "pyramidkv": EvalMethod("pyramidkv", lambda: SnapKV(kernel=7, pooling="max"), "pyramid", True),
+    "adakv": EvalMethod("adakv", lambda: SnapKV(kernel=7, pooling="max"), "uniform", True, "adaptive"),
     "streaming": EvalMethod("streaming", lambda: StreamingLLM(sinks=4)),
     "random": EvalMethod("random", lambda: RandomSelect(seed=0)),
     "h2o": EvalMethod("h2o", lambda: H2O(), "uniform", True),
@@ -92,8 +101,12 @@ def resolve_modes(names: Sequence[str]) -> list[str]:
 
 
 def applies(method: str, mode: str) -> bool:
-    """Whether ``method`` is evaluated in ``mode`` (``full`` only once; ``probe`` needs query votes)."""
+    """Whether ``method`` is evaluated in ``mode``.
+
+    ``full`` runs once (query mode); ``probe`` needs votes from prompt queries and a cache
+    whose probe slots can be cut (not H2O's accumulated scores, not the ragged AdaKV cache).
+    """
     m = METHODS[method]
     if m.make is None:
         return mode == "query"
-    return mode != "probe" or m.uses_queries and method != "h2o"
+    return mode != "probe" or m.uses_queries and method != "h2o" and m.head_budget == "uniform"

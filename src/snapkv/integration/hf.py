@@ -223,15 +223,23 @@ class SnapKVSession:
         config: SnapKVConfig | None = None,
         layer_profile: str | None = None,
         window: int | None = None,
+        head_budget: str | None = None,
+        alpha: float | None = None,
     ) -> SnapKVCache:
         """A compressed copy of a captured prefill (``capture=True``), for another method or budget.
 
         The prompt's full KV in ``source`` is shared, not copied; the new cache holds the
         kept tokens of each full-attention layer and shares the sliding layers' tensors.
-        The new cache becomes the active one.
+        The new cache becomes the active one. Arguments left as None take the session's.
         """
         if not self.captured:
             raise RuntimeError("derive() needs a prefill run with SnapKVSession(..., capture=True)")
+        head_budget = head_budget or self.head_budget
+        if head_budget not in HEAD_MODES:
+            raise ValueError(f"head_budget must be one of {HEAD_MODES}, got {head_budget!r}")
+        alpha = self.alpha if alpha is None else alpha
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must lie in [0, 1], got {alpha!r}")
         if method is None:  # a config of its own brings its own SnapKV settings
             use_config = config is not None and self._default_method
             method = _snapkv_from(config) if use_config else self.method
@@ -251,7 +259,7 @@ class SnapKVSession:
             dst.lazy_initialization(inputs.keys, values)
             dst.keys, dst.values = inputs.keys, values
             dst.seen = inputs.keys.shape[-2]
-            stats.append(self._select(dst, inputs, values, method, config, profile))
+            stats.append(self._select(dst, inputs, values, method, config, profile, head_budget, alpha))
         self.stats = stats
         self._cache = new
         return new
@@ -329,7 +337,8 @@ class SnapKVSession:
             layer.prefilled = True
             self.captured[module.layer_idx] = (inputs, value)
             return
-        self.stats.append(self._select(layer, inputs, value, self.method, self.config, self.layer_profile))
+        self.stats.append(self._select(layer, inputs, value, self.method, self.config, self.layer_profile,
+                                       self.head_budget, self.alpha))
 
     def _select(
         self,
@@ -339,6 +348,8 @@ class SnapKVSession:
         method: Method,
         config: SnapKVConfig,
         profile: str,
+        head_budget: str,
+        alpha: float,
     ) -> LayerStats:
         """Compress one layer's prompt in place of its full KV; returns what was done."""
         key, window = inputs.keys, inputs.window
@@ -356,8 +367,8 @@ class SnapKVSession:
         if kept == real:  # every row fits its budget: the layer stays as it is
             return LayerStats(inputs.layer_idx, real, kept, full_bytes, full_bytes)
         n_keep = torch.tensor(kept, device=key.device)
-        if self.head_budget == "adaptive":
-            ragged = select_adaptive(method.score(inputs), n_keep, window, inputs.key_valid, alpha=self.alpha)
+        if head_budget == "adaptive":
+            ragged = select_adaptive(method.score(inputs), n_keep, window, inputs.key_valid, alpha=alpha)
             layer.replace_ragged(RaggedLayer.from_selection(key, values, ragged, self.slack))
             return LayerStats(inputs.layer_idx, real, kept, full_bytes, layer.ragged.kv_bytes())
         new_k, new_v, sel = method.compress(inputs, values, n_keep)
