@@ -12,7 +12,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from snapkv import SnapKVCache, SnapKVConfig, SnapKVSession
 from snapkv.cache.compressed import CompressedLayer
 from snapkv.integration.hf import cache_argument, decode_mask, key_valid_from_mask
-from snapkv.methods import H2O, RandomSelect, StreamingLLM
+from snapkv.methods import H2O, RandomSelect, SnapKV, StreamingLLM
 from tiny_models import greedy_generate, left_padded, tiny_model
 
 pytestmark = pytest.mark.usefixtures("no_grad", "one_thread")
@@ -395,3 +395,80 @@ def test_derive_with_a_config_uses_its_scoring_settings():
         model(input_ids=ids, attention_mask=mask, **session.cache_kwargs(source))
         got = _decode(model, session.derive(source, config=cfg_b), tokens, mask)
     torch.testing.assert_close(got, _compressed(model, cfg_b, ids, mask, tokens), rtol=0, atol=1e-6)
+
+
+def test_derive_scores_each_layer_once_per_method(monkeypatch):
+    model = tiny_model("llama")
+    ids, mask = left_padded([40, 31], seed=18)
+    calls = []
+    original = SnapKV.score
+    monkeypatch.setattr(SnapKV, "score", lambda self, inputs: calls.append(inputs.layer_idx) or original(self, inputs))
+    with SnapKVSession(model, SnapKVConfig(budget=20, window=6), capture=True) as session:
+        source = session.new_cache()
+        model(input_ids=ids, attention_mask=mask, **session.cache_kwargs(source))
+        for budget in (10, 20, 30):  # other budgets reuse the scores; an equal method config too
+            session.derive(source, config=SnapKVConfig(budget=budget, window=6))
+        assert sorted(calls) == [0, 1]
+        session.derive(source, config=SnapKVConfig(budget=20, window=6, kernel=3))  # other scoring
+        session.derive(source, config=SnapKVConfig(budget=20, window=4))  # other window
+        assert len(calls) == 6
+        source = session.new_cache()  # a new capture scores afresh
+        model(input_ids=ids, attention_mask=mask, **session.cache_kwargs(source))
+        session.derive(source, config=SnapKVConfig(budget=10, window=6))
+    assert len(calls) == 8
+
+
+def test_derive_prefix_equals_a_capture_of_the_prefix():
+    model = tiny_model("llama")
+    ids, mask = left_padded([40, 31], seed=19)
+    n, cfg = 30, SnapKVConfig(budget=14, window=6)
+    tokens = torch.randint(3, 256, (2, 3))
+    with SnapKVSession(model, cfg, capture=True) as session:
+        source = session.new_cache()
+        model(input_ids=ids, attention_mask=mask, **session.cache_kwargs(source))
+        got = _decode(model, session.derive(source, prefix=n), tokens, mask[:, :n])
+        with pytest.raises(ValueError, match=r"prefix must be an integer in \(6, 40\]"):
+            session.derive(source, prefix=41)
+        with pytest.raises(ValueError, match="no real token"):
+            session.derive(source, prefix=8)  # row 1 has 9 pad tokens in front
+    want = _compressed(model, cfg, ids[:, :n], mask[:, :n], tokens)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # a 30- vs 40-token prefill: rounding only
+
+
+def test_derive_prefix_refuses_sliding_layers():
+    model = tiny_model("gemma3")
+    ids, mask = left_padded([40], seed=20)
+    with SnapKVSession(model, SnapKVConfig(budget=14, window=6), capture=True) as session:
+        source = session.new_cache()
+        model(input_ids=ids, attention_mask=mask, **session.cache_kwargs(source))
+        with pytest.raises(ValueError, match="sliding-window layers"):
+            session.derive(source, prefix=30)
+
+
+def test_drop_tail_forgets_the_last_prompt_tokens():
+    model = tiny_model("llama")
+    ids, mask = left_padded([40, 31], seed=21)
+    with SnapKVSession(model, SnapKVConfig(budget=14, window=6)) as session:
+        cache = session.new_cache()
+        model(input_ids=ids, attention_mask=mask, **session.cache_kwargs(cache))
+        snap = cache.snapshot()
+        layer = cache.layers[0]
+        keys = layer.keys
+        with pytest.raises(ValueError, match=r"n must be an integer in \[1, 14\]"):
+            layer.drop_tail(15)
+        if not bool((layer.positions[:, :, -7] == 33).all()):  # position 33 is outside the window
+            with pytest.raises(ValueError, match="not the prompt's last 7 positions"):
+                layer.drop_tail(7)
+        layer.positions = layer.positions.clone()
+        layer.positions[0, 0, -6] = 0  # as if the window had not been kept
+        with pytest.raises(ValueError, match="not the prompt's last 6 positions"):
+            layer.drop_tail(6)
+        cache.restore(snap)
+        layer.drop_tail(4)
+        assert layer.seen == 36 and layer.physical_length == 10
+        torch.testing.assert_close(layer.keys, keys[:, :, :10])
+        assert int(layer.positions.max()) == 35
+        cache.restore(snap)
+        _decode(model, cache, torch.randint(3, 256, (2, 1)), mask)  # one token appended
+        with pytest.raises(RuntimeError, match="nothing appended"):
+            cache.layers[0].drop_tail(2)

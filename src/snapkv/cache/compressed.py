@@ -108,6 +108,28 @@ class CompressedLayer(DynamicLayer):
         super().crop(tokens_to_remove)
         self.seen -= before - self.physical_length
 
+    def drop_tail(self, n: int) -> None:
+        """Forget the last ``n`` tokens of the compressed prompt (e.g. a probe window that voted).
+
+        They must be the layer's last slots: the prompt's final ``n`` positions, kept (a window
+        always is), with nothing appended after them. Positions go back by ``n``.
+        """
+        self._no_ragged("drop_tail")
+        if not self.compressed:
+            raise RuntimeError("drop_tail() applies to a compressed layer")
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.physical_length:
+            raise ValueError(f"n must be an integer in [1, {self.physical_length}] (slots held), got {n!r}")
+        if self.physical_length != self.positions.shape[-1] or self.seen != self.prompt_length:
+            raise RuntimeError("drop_tail() takes a layer holding only its compressed prompt, nothing appended")
+        tail = self.positions[:, :, -n:].to(torch.long)
+        want = torch.arange(self.prompt_length - n, self.prompt_length, device=tail.device)
+        if not bool((tail == want).all()):
+            raise ValueError(f"the last {n} slots are not the prompt's last {n} positions (were they kept?)")
+        self.keys, self.values = self.keys[:, :, :-n], self.values[:, :, :-n]
+        self.positions = self.positions[:, :, :-n]
+        self.seen -= n
+        self.prompt_length -= n
+
     def reset(self) -> None:
         """Forget everything, compression included."""
         super().reset()

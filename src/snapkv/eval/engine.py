@@ -13,20 +13,19 @@ Prefills per sample (each at most once, only when a requested setting needs it):
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from snapkv.cache.compressed import CompressedLayer, SnapKVCache
 from snapkv.config import SnapKVConfig
-from snapkv.eval.methods import METHODS, PROBE_TEXT, CachedScores
+from snapkv.eval.methods import METHODS, PROBE_TEXT
 from snapkv.eval.tasks import Codec, Sample
 from snapkv.integration.hf import SnapKVSession
+from snapkv.methods import Method
 
 
 @dataclass(frozen=True)
@@ -77,7 +76,7 @@ class Prefill:
         self.captured = dict(session.captured)
         self.snap = self.cache.snapshot()
         self.length = len(ids)
-        self.methods: dict[str, CachedScores] = {}  # scores memoized per scorer for this prefill
+        self.methods: dict[str, Method] = {}  # one instance per scorer (derive() memoizes by instance)
 
 
 def all_full_attention(cache: SnapKVCache) -> bool:
@@ -85,50 +84,34 @@ def all_full_attention(cache: SnapKVCache) -> bool:
     return all(isinstance(layer, CompressedLayer) for layer in cache.layers)
 
 
-def prefix_view(pre: Prefill, config: Any, length: int) -> Prefill:
-    """The capture of the first ``length`` prompt tokens, read off a longer capture (all-full models)."""
-    view = copy.copy(pre)
-    view.cache = SnapKVCache(config=config)
-    view.captured = {}
-    for i, (inputs, values) in pre.captured.items():
-        kv = inputs.key_valid[:, :length] if inputs.key_valid is not None else None
-        view.captured[i] = (
-            dataclasses.replace(inputs, queries=inputs.queries[:, :, :length], keys=inputs.keys[:, :, :length],
-                                key_valid=kv),
-            values[:, :, :length],
-        )
-        view.cache.layers[i].seen = length
-    view.length, view.logits, view.methods = length, None, {}
-    return view
-
-
-def _derive(session: SnapKVSession, pre: Prefill, setting: Setting, window: int, extra: int = 0) -> SnapKVCache:
+def _derive(
+    session: SnapKVSession, pre: Prefill, setting: Setting, window: int, extra: int = 0, prefix: int | None = None
+) -> SnapKVCache:
+    """The setting's cache from ``pre``'s capture (``prefix``: of its first tokens only)."""
     m = METHODS[setting.method]
-    scorer = m.scorer
-    if scorer not in pre.methods:
-        pre.methods[scorer] = CachedScores(m.make())
+    if m.scorer not in pre.methods:  # one instance per scorer: derive() memoizes its scores
+        pre.methods[m.scorer] = m.make()
+    length = prefix or pre.length
     budget = setting.budget
     if extra and isinstance(budget, float):  # a fraction of the context, in tokens, plus the probe
-        budget = math.ceil(budget * (pre.length - extra))
+        budget = math.ceil(budget * (length - extra))
     if extra:
         budget += extra
     saved = session.captured
     session.captured = pre.captured
     try:
-        return session.derive(pre.cache, method=pre.methods[scorer], config=SnapKVConfig(budget=budget, window=window),
-                              layer_profile=m.profile, window=window, head_budget=m.head_budget)
+        config = SnapKVConfig(budget=budget, window=window)
+        return session.derive(pre.cache, method=pre.methods[m.scorer], config=config, layer_profile=m.profile,
+                              window=window, head_budget=m.head_budget, prefix=prefix)
     finally:
         session.captured = saved
 
 
 def _cut_tail(cache: SnapKVCache, n: int, sliding_from: SnapKVCache | None) -> None:
-    """Drop the last ``n`` slots (the probe) of every full layer; sliding layers come from ``sliding_from``."""
+    """Drop the last ``n`` tokens (the probe) of every full layer; sliding layers come from ``sliding_from``."""
     for i, layer in enumerate(cache.layers):
         if isinstance(layer, CompressedLayer):
-            layer.keys, layer.values = layer.keys[:, :, :-n], layer.values[:, :, :-n]
-            if layer.positions is not None:
-                layer.positions = layer.positions[:, :, :-n]
-            layer.seen -= n
+            layer.drop_tail(n)
         elif sliding_from is not None:
             cache.layers[i] = copy.copy(sliding_from.layers[i])
         else:
@@ -174,8 +157,9 @@ def evaluate_sample(
     question = sample.question_ids
     with torch.no_grad(), SnapKVSession(model, SnapKVConfig(window=window), capture=True) as session:
         full = Prefill(model, session, sample.input_ids)
-        ctx: Prefill | None = None
+        ctx: Prefill | None = None  # a separate context prefill (models with sliding layers)
         probe: Prefill | None = None
+        prefix_ok = all_full_attention(full.cache)  # context captures read off the whole prompt's
         probe_ids = codec.encode(PROBE_TEXT)
         for st in settings:
             full.cache.restore(full.snap)  # drop tokens a previous setting appended
@@ -190,21 +174,22 @@ def evaluate_sample(
                     cache = _derive(session, full, st, window)
                 logits, start = full.logits, length
             else:
-                if ctx is None:
-                    if all_full_attention(full.cache):
-                        ctx = prefix_view(full, model.config, lc)
-                    else:
-                        ctx = Prefill(model, session, sample.context_ids)
+                if ctx is None and not prefix_ok:
+                    ctx = Prefill(model, session, sample.context_ids)
                 if st.mode == "context":
-                    pre, shared = ctx, ctx.seconds if ctx.logits is not None else 0.0
-                    cache = _derive(session, ctx, st, window)
+                    if ctx is None:
+                        pre, shared, ctx_len = full, 0.0, lc
+                        cache = _derive(session, full, st, window, prefix=lc)
+                    else:
+                        pre, shared, ctx_len = ctx, ctx.seconds, ctx.length
+                        cache = _derive(session, ctx, st, window)
                 else:
                     if probe is None:
                         probe = Prefill(model, session, sample.context_ids + probe_ids)
-                    pre, shared = probe, probe.seconds
+                    pre, shared, ctx_len = probe, probe.seconds, probe.length
                     g = len(probe_ids)
                     cache = _derive(session, probe, st, g, extra=g)
-                    sliding = None if all_full_attention(cache) else ctx.cache
+                    sliding = None if prefix_ok else ctx.cache
                     _cut_tail(cache, g, sliding)
                     session.activate(cache)
                 derive_s = time.perf_counter() - t0
@@ -212,7 +197,7 @@ def evaluate_sample(
                             position_ids=_positions(lc, len(question), full.logits.device),
                             **session.cache_kwargs(cache))
                 logits, start = out.logits[:, -1].float(), length
-            kept = _kept(session, pre.length)
+            kept = _kept(session, pre.length if st.mode == "query" else ctx_len)
             if st.mode == "query":
                 derive_s = time.perf_counter() - t0
             t1 = time.perf_counter()

@@ -9,28 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import torch
-
 from snapkv.methods import H2O, Method, RandomSelect, SnapKV, StreamingLLM
-from snapkv.methods.base import ScoreInputs
-
-
-class CachedScores(Method):
-    """Memoizes another method's scores per layer and window: budgets change only the top-k.
-
-    One instance serves one captured prefill; every budget derived from it reuses the scores.
-    """
-
-    def __init__(self, inner: Method) -> None:
-        self.inner = inner
-        self.name = inner.name
-        self._memo: dict[tuple[int, int, int, int], torch.Tensor] = {}
-
-    def score(self, inputs: ScoreInputs) -> torch.Tensor:
-        key = (inputs.layer_idx, inputs.window, inputs.keys.shape[-2], inputs.queries.shape[-2])
-        if key not in self._memo:
-            self._memo[key] = self.inner.score(inputs)
-        return self._memo[key]
 
 
 @dataclass(frozen=True)

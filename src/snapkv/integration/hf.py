@@ -98,6 +98,40 @@ def decode_mask(layer: CompressedLayer, q_len: int, kind: str, dtype: torch.dtyp
     return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
+def _prefix(inputs: ScoreInputs, n: int) -> ScoreInputs:
+    """Scoring inputs of the first ``n`` prompt tokens (a causal prefix of a capture)."""
+    valid = inputs.key_valid[:, :n] if inputs.key_valid is not None else None
+    if valid is not None and not bool(valid.any(-1).all()):
+        raise ValueError(f"prefix {n} leaves a row with no real token (left padding is longer)")
+    return dataclasses.replace(inputs, queries=inputs.queries[:, :, :n], keys=inputs.keys[:, :, :n],
+                               key_valid=valid)
+
+
+def _method_key(method: Method) -> Any:
+    """Methods with equal settings score alike: a dataclass method is keyed by its fields."""
+    if dataclasses.is_dataclass(method):
+        return (type(method), repr(method))
+    return id(method)
+
+
+class _Memoized(Method):
+    """A method whose scores for one layer of a capture are computed once (derive())."""
+
+    def __init__(self, inner: Method, memo: dict[tuple[int, int, int], Any], key: tuple[int, int, int]) -> None:
+        self.inner, self.memo, self.key = inner, memo, key
+        self.name = inner.name
+
+    def score(self, inputs: ScoreInputs) -> torch.Tensor:
+        keys, hit = inputs.keys, self.memo.get(self.key)
+        # The memo holds the scored keys, so an equal address and layout is the same capture.
+        if hit is not None and (hit[0].data_ptr(), hit[0].shape, hit[0].stride()) == (
+                keys.data_ptr(), keys.shape, keys.stride()):
+            return hit[1]
+        scores = self.inner.score(inputs)
+        self.memo[self.key] = (keys, scores)
+        return scores
+
+
 def _snapkv_from(config: SnapKVConfig) -> SnapKV:
     return SnapKV(kernel=config.kernel, pooling=config.pooling, gqa_reduce=config.gqa_reduce,
                   chunk_size=config.chunk_size)
@@ -177,6 +211,8 @@ class SnapKVSession:
         self._cache: SnapKVCache | None = None
         self._active = False
         self.captured: dict[int, tuple[ScoreInputs, torch.Tensor]] = {}
+        # derive()'s scores: method key -> (method, {(layer, window, length): (keys scored, scores)})
+        self._scores: dict[Any, tuple[Method, dict[tuple[int, int, int], Any]]] = {}
 
     # -- context -------------------------------------------------------------------------
     def __enter__(self) -> SnapKVSession:
@@ -210,6 +246,7 @@ class SnapKVSession:
         self._cache = SnapKVCache(config=self.model.config)
         self.stats = []
         self.captured = {}
+        self._scores = {}
         return self._cache
 
     def activate(self, cache: SnapKVCache) -> None:
@@ -225,12 +262,21 @@ class SnapKVSession:
         window: int | None = None,
         head_budget: str | None = None,
         alpha: float | None = None,
+        prefix: int | None = None,
     ) -> SnapKVCache:
         """A compressed copy of a captured prefill (``capture=True``), for another method or budget.
 
         The prompt's full KV in ``source`` is shared, not copied; the new cache holds the
         kept tokens of each full-attention layer and shares the sliding layers' tensors.
         The new cache becomes the active one. Arguments left as None take the session's.
+
+        Scores are computed once per method object, layer and window of a capture: deriving
+        the same method at other budgets reuses them (until :meth:`new_cache`).
+
+        ``prefix=n`` compresses only the first ``n`` prompt tokens, as if the prompt had
+        ended there (causal attention makes their queries, keys and values a prefix of the
+        capture): one prefill of context + question serves context-only compression too.
+        It needs every layer to be full attention (sliding layers keep only their window).
         """
         if not self.captured:
             raise RuntimeError("derive() needs a prefill run with SnapKVSession(..., capture=True)")
@@ -246,6 +292,15 @@ class SnapKVSession:
         config = config or self.config
         profile = layer_profile or self.layer_profile
         window = window or config.window
+        if prefix is not None:
+            if not all(isinstance(layer, CompressedLayer) for layer in source.layers):
+                raise ValueError("derive(prefix=...) needs every layer to be full attention; "
+                                 "this model has sliding-window layers")
+            length = next(iter(self.captured.values()))[0].keys.shape[-2]
+            if isinstance(prefix, bool) or not isinstance(prefix, int) or not window < prefix <= length:
+                raise ValueError(f"prefix must be an integer in ({window}, {length}] (window, captured "
+                                 f"tokens], got {prefix!r}")
+        memo = self._scores.setdefault(_method_key(method), (method, {}))[1]
         new = SnapKVCache(config=self.model.config)
         stats = []
         for i, (src, dst) in enumerate(zip(source.layers, new.layers, strict=True)):
@@ -255,11 +310,14 @@ class SnapKVSession:
             inputs, values = self.captured[i]
             if src.seen != inputs.keys.shape[-2]:
                 raise RuntimeError("derive() takes a cache holding only the captured prompt, nothing appended")
+            if prefix is not None and prefix < inputs.keys.shape[-2]:
+                inputs, values = _prefix(inputs, prefix), values[:, :, :prefix]
             inputs = dataclasses.replace(inputs, window=window)
             dst.lazy_initialization(inputs.keys, values)
             dst.keys, dst.values = inputs.keys, values
             dst.seen = inputs.keys.shape[-2]
-            stats.append(self._select(dst, inputs, values, method, config, profile, head_budget, alpha))
+            scorer = _Memoized(method, memo, (i, window, inputs.keys.shape[-2]))
+            stats.append(self._select(dst, inputs, values, scorer, config, profile, head_budget, alpha))
         self.stats = stats
         self._cache = new
         return new
