@@ -23,7 +23,14 @@ allocator's measured growth.
 weights (``--model-layers``, default 32), a random-token prompt, and for each budget uniform
 SnapKV against head-adaptive (ragged) SnapKV at the same total, plus the full cache: median
 ms per decoded token (CUDA-synchronized timestamps of each generated token), the cache's bytes
-after the prompt, and peak allocated memory. Not a test; writes one JSON file.
+after the prompt, and peak allocated memory.
+
+``--engine-budgets 1024 2048`` adds the captured decode of the engine (CUDA graph, fused
+Triton step) on the same model shape: the static cache filled with random K/V, every head
+keeping ``P`` tokens ("uniform") against heads skewed as in the layer benchmark, a new draw
+per layer ("skewed"), same total; decode ms/token (CUDA events, median) side by side, and
+the skewed step's logits against the eager torch step on the same cache.
+Not a test; writes one JSON file.
 """
 
 from __future__ import annotations
@@ -259,34 +266,113 @@ def model_decode(prompts: list[int], budgets: list[int], layers: int, new_tokens
         ids = torch.randint(0, cfg.vocab_size, (1, n), generator=torch.Generator().manual_seed(n)).to(DEVICE)
         settings: list[tuple[str, int | None]] = [("full", None)]
         settings += [(mode, b) for b in budgets for mode in ("uniform", "adaptive")]
+        steps: dict[tuple[str, int | None], list[float]] = {s: [] for s in settings}
+        info: dict[tuple[str, int | None], dict[str, Any]] = {}
+        # Two passes in opposite orders; each setting's median is over both passes' token steps.
+        for order in (settings, settings[::-1]):
+            for mode, budget in order:
+                clock = _TokenClock()
+                cuda = DEVICE == "cuda"
+                if cuda:
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated() if cuda else 0
+                gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, streamer=clock,
+                           pad_token_id=0)
+                spread = None
+                with torch.no_grad():
+                    if budget is None:
+                        cache = tf.DynamicCache(config=cfg)
+                        out = model.generate(ids, **{cache_argument(model): cache}, **gen)
+                        kv = sum(t.numel() * t.element_size() for layer in cache.layers
+                                 for t in (layer.keys, layer.values))
+                    else:
+                        with SnapKVSession(model, SnapKVConfig(budget=budget, window=WINDOW), head_budget=mode,
+                                           slack=new_tokens + 8) as s:
+                            cache = s.new_cache()
+                            out = model.generate(ids, **s.cache_kwargs(cache), **gen)
+                            kv = cache.kv_bytes()
+                        rag = [layer.ragged for layer in cache.layers if getattr(layer, "ragged", None) is not None]
+                        if rag:  # kept tokens per head (without the generated ones), over all layers
+                            kept = torch.stack([(r.lengths - r.appended).float() for r in rag])
+                            spread = {"longest_head": int(kept.max()), "shortest_head": int(kept.min()),
+                                      "mean_head": float(kept.mean())}
+                steps[(mode, budget)] += [b - a for a, b in itertools.pairwise(clock.stamps)]
+                info[(mode, budget)] = {"new_tokens": out.shape[1] - n, "cache_bytes_after": kv, "head_spread": spread,
+                                        "peak_gib": (torch.cuda.max_memory_allocated() - base) / 2**30 if cuda
+                                        else float("nan")}
+                del cache, out
         for mode, budget in settings:
-            clock = _TokenClock()
-            cuda = DEVICE == "cuda"
-            if cuda:
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated() if cuda else 0
-            gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, streamer=clock,
-                       pad_token_id=0)
-            with torch.no_grad():
-                if budget is None:
-                    cache = tf.DynamicCache(config=cfg)
-                    out = model.generate(ids, **{cache_argument(model): cache}, **gen)
-                    kv = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
-                else:
-                    with SnapKVSession(model, SnapKVConfig(budget=budget, window=WINDOW), head_budget=mode,
-                                       slack=new_tokens + 8) as s:
-                        cache = s.new_cache()
-                        out = model.generate(ids, **s.cache_kwargs(cache), **gen)
-                        kv = cache.kv_bytes()
-            steps = [b - a for a, b in itertools.pairwise(clock.stamps)]
-            row = {"prompt": n, "mode": mode, "budget": budget, "layers": layers, "new_tokens": out.shape[1] - n,
-                   "decode_ms_per_token": 1000 * statistics.median(steps), "cache_bytes_after": kv,
-                   "peak_gib": (torch.cuda.max_memory_allocated() - base) / 2**30 if cuda else float("nan")}
+            t = steps[(mode, budget)]
+            row = {"prompt": n, "mode": mode, "budget": budget, "layers": layers, "steps_timed": len(t),
+                   "decode_ms_per_token": 1000 * statistics.median(t), **info[(mode, budget)]}
             rows.append(row)
-            print(f"model n={n} {mode} budget={budget}: {row['decode_ms_per_token']:.2f} ms/token, "
-                  f"cache {kv / 2**20:.1f} MiB, peak +{row['peak_gib']:.2f} GiB", flush=True)
-            del cache, out
+            print(f"model n={n} {mode} budget={budget}: {row['decode_ms_per_token']:.2f} ms/token "
+                  f"({len(t)} steps), cache {row['cache_bytes_after'] / 2**20:.1f} MiB, "
+                  f"peak +{row['peak_gib']:.2f} GiB, heads {row['head_spread']}", flush=True)
+    return rows
+
+
+def engine_decode(budgets: list[int], batches: list[int], layers: int, steps: int = 100) -> list[dict[str, Any]]:
+    """Captured whole-model decode over uniform vs skewed per-head lengths at equal totals."""
+    import statistics
+
+    import transformers as tf
+
+    from snapkv.bench.measure import time_steps
+    from snapkv.generation import DecodeRunner, StaticKVCache
+    from snapkv.generation.adapter import DecoderParts
+
+    cfg = tf.LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
+                         num_attention_heads=HQ, num_key_value_heads=HKV, head_dim=D, rope_theta=500000.0,
+                         max_position_embeddings=1 << 20)
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        model = tf.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    parts = DecoderParts.from_model(model)
+    rows = []
+    for batch in batches:
+        for budget in budgets:
+            gen = torch.Generator().manual_seed(budget + batch)
+            layouts = {"uniform": [torch.full((batch, HKV), budget, dtype=torch.int32) for _ in range(layers)],
+                       "skewed": [skewed_lengths(batch, budget, gen) for _ in range(layers)]}
+            res: dict[str, Any] = {"batch": batch, "budget": budget, "layers": layers, "steps": steps}
+            for name, per_layer in layouts.items():
+                slots = max(int(x.max()) for x in per_layer)
+                cache = StaticKVCache(layers, batch, HKV, D, slots, steps + 16, dtype=torch.bfloat16, device=DEVICE)
+                for li, lengths in enumerate(per_layer):
+                    for b in range(batch):
+                        k = torch.randn(HKV, slots, D, device=DEVICE, dtype=torch.bfloat16)
+                        cache.load(li, b, k, torch.randn_like(k), head_lengths=lengths[b].tolist())
+                for b in range(batch):
+                    cache.set_prompt_length(b, 32768)
+                tokens = torch.randint(4, cfg.vocab_size, (batch,), generator=gen).to(DEVICE)
+                with torch.inference_mode():
+                    state = cache.state()
+                    eager = DecodeRunner(parts, cache, use_graph=False, fused=False)
+                    eager.feed(tokens)
+                    eager.step()
+                    ref = eager.logits.float().clone()
+                    cache.rewind(state)
+                    runner = DecodeRunner(parts, cache)  # graph + fused Triton kernels
+                    runner.feed(tokens)
+                    runner.capture()
+                    runner.step()
+                    err = float((runner.logits.float() - ref).abs().max() / ref.abs().max())
+                    for _ in range(5):
+                        runner.step()
+                    times = time_steps(runner.step, steps, torch.device(DEVICE))
+                kept = sum(int(x.sum()) for x in per_layer)
+                res[name] = {"decode_ms": statistics.median(times), "prompt_slots": slots,
+                             "kept_head_tokens": kept, "longest_head": max(int(x.max()) for x in per_layer),
+                             "static_cache_bytes": cache.kv_bytes(), "kept_bytes": cache.kept_bytes(),
+                             "graph_vs_eager_max_rel_err": err}
+                del runner, eager, cache
+            res["skewed_over_uniform"] = res["skewed"]["decode_ms"] / res["uniform"]["decode_ms"]
+            rows.append(res)
+            print(f"engine B={batch} P={budget}: uniform {res['uniform']['decode_ms']:.3f} ms, skewed "
+                  f"{res['skewed']['decode_ms']:.3f} ms ({res['skewed_over_uniform']:.3f}x), logits err "
+                  f"{res['skewed']['graph_vs_eager_max_rel_err']:.1e}", flush=True)
     return rows
 
 
@@ -304,7 +390,10 @@ def main() -> None:
     p.add_argument("--model-budgets", type=int, nargs="+", default=[1024, 2048])
     p.add_argument("--model-layers", type=int, default=32)
     p.add_argument("--model-new-tokens", type=int, default=64)
-    p.add_argument("--skip-layer", action="store_true", help="only the whole-model comparison")
+    p.add_argument("--engine-budgets", type=int, nargs="*", default=[],
+                   help="budgets for the engine's captured decode, uniform vs skewed heads (none: skip)")
+    p.add_argument("--engine-batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--skip-layer", action="store_true", help="skip the one-layer kernel benchmark")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_ragged needs CUDA")
@@ -318,6 +407,10 @@ def main() -> None:
             t = r["times"]
             line = ", ".join(f"{n} {v['step_graph_us']:.1f}us" for n, v in t.items())
             print(f"B={b} P={budget} (decode step, graph): {line}", flush=True)
+    if args.engine_budgets:
+        result["engine"] = engine_decode(args.engine_budgets, args.engine_batch, args.model_layers)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1))
     if args.model_prompts:
         result["model"] = model_decode(args.model_prompts, args.model_budgets, args.model_layers,
                                        args.model_new_tokens)

@@ -138,13 +138,76 @@ def test_static_cache_appends_in_place():
     assert (cache.keys.data_ptr(), cache.values.data_ptr(), cache.bias.data_ptr()) == ptrs
     assert int(cache.write_pos) == cache.prompt_slots + 4 == cache.host_pos
     assert cache.positions.tolist() == [104, 87]
-    assert bool((cache.bias[:, :, : cache.host_pos] == 0).all())
-    assert bool(torch.isinf(cache.bias[:, :, cache.host_pos:]).all())
+    assert bool((cache.bias[..., : cache.host_pos] == 0).all())
+    assert bool(torch.isinf(cache.bias[..., cache.host_pos:]).all())
     assert cache.keys[:, :, :, cache.host_pos - 1].abs().sum() > 0  # the last step wrote its K
     runner.step()
     runner.step()
     with pytest.raises(RuntimeError, match="static cache full"):
         runner.step()
+
+
+def _skewed_cache(parts, lengths, prompt_slots=48, new=4, seed=3):
+    """A static cache whose heads keep ``lengths[layer][row][head]`` random prompt tokens."""
+    g = torch.Generator().manual_seed(seed)
+    L, B, H = len(lengths), len(lengths[0]), len(lengths[0][0])
+    cache = StaticKVCache(L, B, H, parts.head_dim, prompt_slots, new, dtype=parts.dtype, device="cpu")
+    for li in range(L):
+        for b in range(B):
+            n = max(lengths[li][b])
+            k, v = (torch.randn(H, n, parts.head_dim, generator=g) for _ in range(2))
+            cache.load(li, b, k, v, head_lengths=lengths[li][b])
+    for b in range(B):
+        cache.set_prompt_length(b, 200 + b)
+    return cache
+
+
+def test_per_head_lengths_decode_equals_dense_masked_reference():
+    """Head-adaptive budgets in the static cache: eager, fused twins and the Triton kernel's twin
+    attend to exactly each head's kept tokens (checked against one reference per head)."""
+    model = tiny_model("llama")  # 2 layers, 2 KV heads
+    engine = Engine(model, CFG)
+    parts = engine.parts
+    lengths = [[[5, 31], [17, 17]], [[40, 1], [9, 26]]]  # [layer][row][head], rows of equal totals
+    tokens = torch.tensor([7, 99])
+    logits = {}
+    for fused in (False, True):
+        cache = _skewed_cache(parts, lengths)
+        assert cache.lengths.tolist() == lengths
+        assert cache.kept[1][0] == 20.5 and cache.kept_bytes() == 2 * parts.head_dim * 4 * sum(
+            sum(sum(r) for r in layer) for layer in lengths)
+        runner = DecodeRunner(parts, cache, fused=fused)
+        runner.feed(tokens)
+        runner.step()
+        logits[fused] = runner.logits.clone()
+        assert cache.lengths.tolist() == [[[n + 1 for n in r] for r in layer] for layer in lengths]
+    torch.testing.assert_close(logits[False], logits[True], atol=1e-5, rtol=1e-5)
+    # Reference: the same step where each head's filler slots hold garbage that must stay unseen.
+    cache = _skewed_cache(parts, lengths)
+    cache.keys[cache.bias.isinf()] = 1e4
+    runner = DecodeRunner(parts, cache, fused=False)
+    runner.feed(tokens)
+    runner.step()
+    torch.testing.assert_close(runner.logits, logits[False], atol=1e-5, rtol=1e-5)
+    # The decode kernel's own view (starts, lengths) selects the same slots as the bias.
+    cache = _skewed_cache(parts, lengths)
+    d = parts.head_dim
+    for li in range(2):
+        for b in range(2):
+            for h in range(2):
+                start, n = int(cache.starts[li, b, h]), int(cache.lengths[li, b, h])
+                flat = cache.keys[li].reshape(-1, d)[start : start + n]
+                dense = cache.keys[li, b, h][cache.bias[li, b, h] == 0]
+                assert torch.equal(flat, dense)
+
+
+def test_per_head_lengths_are_validated():
+    cache = StaticKVCache(1, 1, 2, 4, 8, 2, dtype=torch.float32, device="cpu")
+    k = torch.randn(2, 6, 4)
+    with pytest.raises(ValueError, match=r"head_lengths must hold 2 counts in \[1, 6\]"):
+        cache.load(0, 0, k, k, head_lengths=[0, 6])
+    with pytest.raises(ValueError, match="head_lengths must hold 2 counts"):
+        cache.load(0, 0, k, k, head_lengths=[3, 3, 3])
 
 
 def test_rewind_restores_the_decode_state():
@@ -170,6 +233,11 @@ def test_decode_attention_matches_float64_twin():
         bias[:, : cap // 3] = float("-inf")
         out = decode_attention(q, k, v, bias, d**-0.5)
         torch.testing.assert_close(out, decode_attention_ref(q, k, v, bias, d**-0.5), atol=1e-5, rtol=1e-5)
+        # per-head masks (head-adaptive budgets): each KV head its own filler
+        first = torch.randint(0, cap, (b, hkv), generator=g)
+        head_bias = torch.where(torch.arange(cap) >= first[..., None], 0.0, float("-inf"))
+        out = decode_attention(q, k, v, head_bias, d**-0.5)
+        torch.testing.assert_close(out, decode_attention_ref(q, k, v, head_bias, d**-0.5), atol=1e-5, rtol=1e-5)
 
 
 def test_chunk_attention_equals_rows_of_full_causal_attention():

@@ -135,7 +135,8 @@ def decode_attention(
     Args:
         q: ``[B, Hq, 1, D]`` post-RoPE queries.
         keys, values: ``[B, Hkv, cap, D]`` the layer's cache buffers.
-        bias: ``[B, cap]`` fp32 additive mask (0 attend, -inf skip).
+        bias: ``[B, Hkv, cap]`` (per KV head) or ``[B, cap]`` fp32 additive mask (0 attend,
+            -inf skip).
         scaling: logit scale.
 
     Returns:
@@ -145,7 +146,7 @@ def decode_attention(
     hkv = keys.shape[1]
     qg = q.reshape(b, hkv, hq // hkv, d)  # query head h = kv * G + g, as repeat_kv orders them
     scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * scaling  # [B, Hkv, G, cap]
-    scores = scores + bias[:, None, None, :]
+    scores = scores + (bias[:, :, None, :] if bias.dim() == 3 else bias[:, None, None, :])
     probs = torch.softmax(scores, dim=-1).to(values.dtype)
     out = torch.matmul(probs, values)  # [B, Hkv, G, D]
     return out.reshape(b, 1, hq * d)
@@ -159,6 +160,7 @@ def decode_attention_ref(
     groups = hq // keys.shape[1]
     k = _repeat_kv(keys.double(), groups)
     v = _repeat_kv(values.double(), groups)
-    scores = torch.matmul(q.double(), k.transpose(-1, -2)) * scaling + bias.double()[:, None, None, :]
+    head_bias = bias.double().repeat_interleave(groups, dim=1) if bias.dim() == 3 else bias.double()[:, None]
+    scores = torch.matmul(q.double(), k.transpose(-1, -2)) * scaling + head_bias[:, :, None, :]
     out = torch.matmul(torch.softmax(scores, dim=-1), v)  # [B, Hq, 1, D]
     return out.transpose(1, 2).reshape(b, 1, hq * d).to(q.dtype)

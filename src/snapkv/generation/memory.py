@@ -56,7 +56,7 @@ def cache_bytes(parts: DecoderParts, batch: int, capacity: int) -> int:
     """Bytes of a :class:`~snapkv.generation.static_cache.StaticKVCache` (K, V and the fp32 mask)."""
     elem = torch.empty((), dtype=parts.dtype).element_size()
     kv = 2 * parts.num_layers * batch * parts.num_kv_heads * capacity * parts.head_dim * elem
-    return kv + 4 * parts.num_layers * batch * capacity
+    return kv + 4 * parts.num_layers * batch * parts.num_kv_heads * capacity
 
 
 def prefill_work_bytes(

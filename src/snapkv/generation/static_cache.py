@@ -3,13 +3,13 @@
 Layout (one allocation per tensor, written in place, never reallocated)::
 
     keys, values  [layers, B, Hkv, capacity, D]
-    bias          [layers, B, capacity] fp32: 0 where a slot holds a token, -inf elsewhere
+    bias          [layers, B, Hkv, capacity] fp32: 0 where a slot holds a token, -inf elsewhere
     write_pos     [1] int64: the slot the next decoded token is written to (same for all rows)
     positions     [B] int64: the RoPE position of each row's next token
 
-Each row's kept prompt tokens sit right-aligned in slots ``[P - kept, P)`` of its layer, so the
-first decoded token of every row lands in slot ``P`` and all rows advance together; rows that
-keep fewer tokens (shorter prompts, or another layer budget) have masked filler slots in front.
+Each head's kept prompt tokens sit right-aligned in slots ``[P - kept, P)`` of its row and layer,
+so the first decoded token of every row lands in slot ``P`` and all rows advance together; rows
+(or heads, with head-adaptive budgets) that keep fewer tokens have masked filler slots in front.
 Positions continue from each row's original prompt length, not from the compressed length.
 """
 
@@ -67,19 +67,19 @@ class StaticKVCache:
             # Zeros, not empty: masked slots get probability 0, and 0 * NaN garbage would still be NaN.
             self.keys = torch.zeros(shape, dtype=dtype, device=device)
             self.values = torch.zeros(shape, dtype=dtype, device=device)
-            self.bias = torch.full((num_layers, batch, self.capacity), float("-inf"), device=device)
+            self.bias = torch.full((num_layers, batch, num_kv_heads, self.capacity), float("-inf"), device=device)
             self.write_pos = torch.full((1,), prompt_slots, dtype=torch.long, device=device)
             self.positions = torch.zeros(batch, dtype=torch.long, device=device)
             # Ragged view for the fused decode kernel: row b, head h of layer l owns flat slots
             # starts[l, b, h] .. starts + lengths of keys[l].view(-1, D) (its kept and new tokens).
-            self.first = torch.full((num_layers, batch), prompt_slots, dtype=torch.long, device=device)
+            self.first = torch.full((num_layers, batch, num_kv_heads), prompt_slots, dtype=torch.long, device=device)
             heads = torch.arange(batch * num_kv_heads, device=device).view(batch, num_kv_heads)
             self._base = (heads * self.capacity).to(torch.int32)  # [B, Hkv] first slot of each head
             self.starts = self._base.expand(num_layers, -1, -1).contiguous()  # [L, B, Hkv] int32
             self.lengths = torch.zeros((num_layers, batch, num_kv_heads), dtype=torch.int32, device=device)
         self.host_pos = prompt_slots  # host mirror of write_pos: bounds checks without a sync
         self.prompt_lengths = [0] * batch
-        self.kept = [[0] * batch for _ in range(num_layers)]
+        self.kept: list[list[float]] = [[0] * batch for _ in range(num_layers)]  # tokens per head (mean)
 
     # -- shape -------------------------------------------------------------------------------
     @property
@@ -104,23 +104,42 @@ class StaticKVCache:
     def kept_bytes(self) -> int:
         """Bytes of the kept prompt tokens (all layers and rows, no filler, no free slots)."""
         per_token = 2 * self.keys.shape[2] * self.keys.shape[4] * self.keys.element_size()
-        return per_token * sum(sum(row) for row in self.kept)
+        return round(per_token * sum(sum(row) for row in self.kept))
 
     # -- filling (prefill) -------------------------------------------------------------------
-    def load(self, layer: int, row: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Write one row's kept prompt K/V ``[Hkv, n, D]`` right-aligned into the prompt slots."""
-        n = keys.shape[-2]
+    def load(
+        self,
+        layer: int,
+        row: int,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        head_lengths: torch.Tensor | list[int] | None = None,
+    ) -> None:
+        """Write one row's kept prompt K/V ``[Hkv, n, D]`` right-aligned into the prompt slots.
+
+        ``head_lengths`` (``Hkv`` counts, each in ``[1, n]``): head ``h`` keeps only its last
+        ``head_lengths[h]`` of the ``n`` entries (head-adaptive budgets); the rest is filler.
+        """
+        hkv, n = keys.shape[0], keys.shape[-2]
         if n > self.prompt_slots:
             raise ValueError(f"{n} kept tokens exceed the {self.prompt_slots} prompt slots of this cache")
         start = self.prompt_slots - n
+        if head_lengths is None:
+            counts = torch.full((hkv,), n, dtype=torch.long)
+        else:
+            counts = torch.as_tensor(head_lengths, dtype=torch.long).cpu()
+            if counts.shape != (hkv,) or bool((counts < 1).any()) or bool((counts > n).any()):
+                raise ValueError(f"head_lengths must hold {hkv} counts in [1, {n}], got {counts.tolist()}")
         self.keys[layer, row, :, start : self.prompt_slots].copy_(keys)
         self.values[layer, row, :, start : self.prompt_slots].copy_(values)
-        self.bias[layer, row, :start] = float("-inf")
-        self.bias[layer, row, start : self.prompt_slots] = 0.0
-        self.kept[layer][row] = n
-        self.first[layer, row] = start
-        self.starts[layer, row] = self._base[row] + start
-        self.lengths[layer, row] = n
+        first = self.prompt_slots - counts  # [Hkv]
+        slot = torch.arange(self.prompt_slots)
+        bias = torch.where(slot[None] >= first[:, None], 0.0, float("-inf"))  # [Hkv, P]
+        self.bias[layer, row, :, : self.prompt_slots].copy_(bias)
+        self.kept[layer][row] = n if head_lengths is None else float(counts.sum()) / hkv
+        self.first[layer, row].copy_(first)
+        self.starts[layer, row].copy_(self._base[row] + first.to(self._base))
+        self.lengths[layer, row].copy_(counts.to(self.lengths))
 
     def copy_layer(self, src: int, dst: int) -> None:
         """Make layer ``dst`` hold what layer ``src`` holds (benchmarks of partial prefills)."""
@@ -137,8 +156,8 @@ class StaticKVCache:
     # -- decoding (capturable: no host sync, fixed shapes) ------------------------------------
     def open_slot(self) -> None:
         """Unmask slot ``write_pos`` in every layer and row: the new token attends to itself."""
-        self.bias.index_fill_(2, self.write_pos, 0.0)
-        self.lengths.copy_((self.write_pos + 1 - self.first).unsqueeze(-1).expand_as(self.lengths))
+        self.bias.index_fill_(3, self.write_pos, 0.0)
+        self.lengths.copy_(self.write_pos + 1 - self.first)
 
     def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Write one decoded token's K/V ``[B, Hkv, 1, D]`` into slot ``write_pos``, in place."""
@@ -169,6 +188,6 @@ class StaticKVCache:
         """Go back to ``state``: later slots are masked again (their stale K/V stay unseen)."""
         self.write_pos.copy_(state.write_pos)
         self.positions.copy_(state.positions)
-        self.bias[:, :, state.host_pos :] = float("-inf")
-        self.lengths.copy_((self.write_pos - self.first).unsqueeze(-1).expand_as(self.lengths))
+        self.bias[..., state.host_pos :] = float("-inf")
+        self.lengths.copy_(self.write_pos - self.first)
         self.host_pos = state.host_pos
