@@ -11,6 +11,8 @@
 # 2-8 at 16K, ablations) runs as a second call of this script:
 #   STAGES="env sweep" SWEEP_ARGS="--preset gpu --part 2" SWEEP_BUDGET_S=480 bash scripts/gpu_suite.sh
 # and `python -m snapkv.bench.runner --merge part1/bench.json part2/bench.json --out DIR` joins them.
+# Head-adaptive budgets (ragged cache; about 4 minutes, its own call):
+#   STAGES="env ragged" bash scripts/gpu_suite.sh      -> $OUT/ragged/{layer,engine,hf_model}.json
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/gpu-suite}"
@@ -48,6 +50,16 @@ if [[ " $STAGES " == *" tests "* ]]; then
   timeout 240 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$OUT/pytest.txt" || status=1
   timeout 120 "$PY" -m pytest -q -p no:cacheprovider -m "not slow" tests/test_generation.py tests/test_bench.py \
     2>&1 | tail -3 | tee -a "$OUT/pytest.txt" || status=1
+fi
+
+if [[ " $STAGES " == *" ragged "* ]]; then
+  stage "ragged: kernel per layer, engine decode uniform vs skewed heads, transformers path"
+  mkdir -p "$OUT/ragged"
+  timeout 200 "$PY" scripts/bench_ragged.py --out "$OUT/ragged/layer.json" || status=1
+  timeout 150 "$PY" scripts/bench_ragged.py --skip-layer --engine-budgets 1024 2048 4096 --engine-batch 1 8 \
+    --out "$OUT/ragged/engine.json" || status=1
+  timeout 300 "$PY" scripts/bench_ragged.py --skip-layer --model-prompts 8192 32768 65536 --model-budgets 1024 2048 \
+    --model-new-tokens 128 --out "$OUT/ragged/hf_model.json" || status=1
 fi
 
 if [[ " $STAGES " == *" sweep "* ]]; then
