@@ -7,5 +7,6 @@ case "${1:-4k}" in
   4k) $E --lengths 4k --budgets 64,256,1024,2048 --methods full,snapkv,streaming --modes query --out results/gemma3-4k ;;
   4k-adakv) $E --lengths 4k --budgets 64,256,1024,2048 --methods full,snapkv,adakv --modes query --out results/gemma3-4k ;;
   8k) $E --lengths 8k --budgets 64,256,1024,2048 --methods full,snapkv,adakv,streaming --modes query --out results/gemma3-8k ;;
-  16k) $E --lengths 16k --budgets 64,256,1024,2048 --methods full,snapkv,adakv,streaming --modes query --out results/gemma3-16k ;;
+  8k-k31) $E --lengths 8k --budgets 64,256,1024,2048 --methods full,snapkv-k31 --modes query --out results/gemma3-8k ;;
+  16k) $E --lengths 16k --budgets 64,256,1024,2048 --methods full,snapkv,snapkv-k31,adakv,streaming --modes query --out results/gemma3-16k ;;
 esac

@@ -11,6 +11,9 @@ case "${1:-2k}" in
   # AdaKV (head-adaptive budgets) against uniform SnapKV on the same 4K prompts.
   4k-adakv) $E --lengths 4k --budgets 64,256,1024,2048 --methods full,snapkv,adakv --modes query \
          --out results/smollm2-4k ;;
-  8k) $E --lengths 8k --budgets 64,256,1024,2048 --methods full,snapkv,adakv,pyramidkv,streaming \
+  # The wider pooling kernel (chosen on niah_single_2, results/ablation) on every 4K prompt.
+  4k-k31) $E --lengths 4k --budgets 64,256,1024,2048 --methods full,snapkv-k31 --modes query \
+         --out results/smollm2-4k ;;
+  8k) $E --lengths 8k --budgets 64,256,1024,2048 --methods full,snapkv,snapkv-k31,adakv,pyramidkv,streaming \
          --modes query,context --out results/smollm2-8k ;;
 esac

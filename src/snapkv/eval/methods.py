@@ -41,6 +41,8 @@ METHODS: dict[str, EvalMethod] = {
     "full": EvalMethod("full", None),
     "snapkv": EvalMethod("snapkv", lambda: SnapKV(kernel=7, pooling="max"), "uniform", True),
     "pyramidkv": EvalMethod("pyramidkv", lambda: SnapKV(kernel=7, pooling="max"), "pyramid", True),
+    # A wider pooling kernel: keeps whole digit-per-token numbers and their sentence (see RESULTS.md).
+    "snapkv-k31": EvalMethod("snapkv-k31", lambda: SnapKV(kernel=31, pooling="max"), "uniform", True),
     "adakv": EvalMethod("adakv", lambda: SnapKV(kernel=7, pooling="max"), "uniform", True, "adaptive"),
     "streaming": EvalMethod("streaming", lambda: StreamingLLM(sinks=4)),
     "random": EvalMethod("random", lambda: RandomSelect(seed=0)),

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from snapkv.eval.methods import MODES, applies, resolve_methods, resolve_modes
+from snapkv.eval.methods import METHODS, MODES, applies, resolve_methods, resolve_modes
 from snapkv.eval.tasks import TASKS, Codec, make_sample, resolve_tasks
 
 #: Context windows of the named models (checked before loading anything).
@@ -231,7 +231,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budgets", default="64,128,256,512,1024",
                         help="kept tokens per layer and head (ints) or fractions of the prompt (floats < 1)")
     parser.add_argument("--methods", default="full,snapkv,pyramidkv,streaming,random,h2o",
-                        help="comma list of full, snapkv, adakv, pyramidkv, streaming, random, h2o (or all)")
+                        help="comma list of " + ", ".join(METHODS) + " (or all)")
     parser.add_argument("--modes", default="query,context", help=f"comma list of {list(MODES)}")
     parser.add_argument("--samples", type=int, default=5, help="samples per task and length")
     parser.add_argument("--seed", type=int, default=0, help="task generation seed")
