@@ -10,23 +10,26 @@ from tqdm import tqdm
 
 from snapkv.api import Answer, answer
 from snapkv.config import SnapKVConfig
+from snapkv.eval.tasks.haystack import NOISE
+from snapkv.eval.tasks.passkey import ANSWER_PREFIX, DESCRIPTION, needle
+from snapkv.eval.tasks.passkey import QUESTION as _ASK
 
-_INTRO = (
-    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
-    "I will quiz you about the important information there."
-)
-_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-QUESTION = "What is the pass key? The pass key is"
+#: The question with its answer prefix: Landmark's plain completion prompt.
+QUESTION = _ASK + ANSWER_PREFIX
 
 
 def passkey_context(tokenizer: Any, length: int, depth: float, key: int) -> str:
-    """A Landmark-attention passkey context of about ``length`` tokens, the key at ``depth`` in [0, 1]."""
-    needle = f"The pass key is {key}. Remember it. {key} is the pass key."
-    per = len(tokenizer(" " + _FILLER, add_special_tokens=False)["input_ids"])
-    fixed = len(tokenizer(f"{_INTRO} {needle} {QUESTION}", add_special_tokens=False)["input_ids"]) + 16
+    """A Landmark-attention passkey context of about ``length`` tokens, the key at ``depth`` in [0, 1].
+
+    The text of ``snapkv eval``'s passkey task (:mod:`snapkv.eval.tasks.passkey`), sized in
+    whole filler sentences for :func:`snapkv.answer`, which takes text, not token ids.
+    """
+    line = needle(key)
+    per = len(tokenizer(" " + NOISE, add_special_tokens=False)["input_ids"])
+    fixed = len(tokenizer(f"{DESCRIPTION} {line} {QUESTION}", add_special_tokens=False)["input_ids"]) + 16
     n = max(1, (length - fixed) // per)
     before = round(n * depth)
-    return "\n".join([_INTRO, " ".join([_FILLER] * before), needle, " ".join([_FILLER] * (n - before))])
+    return "\n".join([DESCRIPTION, " ".join([NOISE] * before), line, " ".join([NOISE] * (n - before))])
 
 
 @dataclass

@@ -13,12 +13,17 @@ QUESTION = "What is the pass key?"
 ANSWER_PREFIX = " The pass key is"
 
 
+def needle(key: int) -> str:
+    """The sentence that hides the key."""
+    return f"The pass key is {key}. Remember it. {key} is the pass key."
+
+
 def passkey(codec: Codec, length: int, index: int, seed: int = 0) -> Sample:
     """A random pass key (1..50000) in noise filler at the sample's grid depth."""
     rng = sample_rng(seed, "passkey", length, index)
     key = rng.randint(1, 50000)
     depth = grid_depth(index)
-    line = f"\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
+    line = f"\n{needle(key)}\n"
     return compose(
         codec,
         task="passkey",
