@@ -16,4 +16,7 @@ case "${1:-2k}" in
          --out results/smollm2-4k ;;
   8k) $E --lengths 8k --budgets 64,256,1024,2048 --methods full,snapkv,snapkv-k31,adakv,pyramidkv,streaming \
          --modes query,context --out results/smollm2-8k ;;
+  # The other RULER tasks at 2K (decode caps up to 120 tokens: fewer methods).
+  2k-ruler) $E --lengths 2k --budgets 64,128,256,1024 --methods full,snapkv,snapkv-k31 --modes query \
+         --out results/smollm2-2k-ruler ;;
 esac
