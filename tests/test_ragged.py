@@ -32,7 +32,7 @@ def _case(name: str, b: int, hkv: int, g: int, d: int, max_len: int, **kw: Any) 
     return dict(name=name, B=b, Hkv=hkv, G=g, D=d, max_len=max_len, dtype=kw.get("dtype", "float32"),
                 softcap=kw.get("softcap"), splits=kw.get("splits"), block_n=kw.get("block_n", 16),
                 slack=kw.get("slack", 3), empty=kw.get("empty", False), long_head=kw.get("long_head", False),
-                q_strided=kw.get("q_strided", False), qscale=kw.get("qscale", 1.0))
+                q_strided=kw.get("q_strided", False), qscale=kw.get("qscale", 1.0), work=kw.get("work"))
 
 
 CASES = [
@@ -43,6 +43,8 @@ CASES = [
     _case("long_head_split8", 2, 4, 2, 16, 400, long_head=True, splits=8),
     _case("combine_loop_40_splits", 1, 2, 2, 16, 700, splits=40),
     _case("strided_q_fp16_bn32", 2, 2, 4, 48, 130, dtype="float16", q_strided=True, block_n=32),
+    # splits sized on a small work hint: many splits of the long head, most of the short ones empty
+    _case("long_head_work_hint", 2, 4, 2, 16, 600, long_head=True, work=40),
 ]
 
 
@@ -100,7 +102,7 @@ def run_case(case: dict[str, Any], device: str, seed: int) -> dict[str, Any]:
     scaling = case["D"] ** -0.5
     out = ragged_decode_attention(x["q"], x["k"], x["v"], x["starts"], x["lengths"], max_len=x["max_len"],
                                   sm_scale=scaling, softcap=case["softcap"], num_splits=case["splits"],
-                                  block_n=case["block_n"])
+                                  block_n=case["block_n"], work_tokens=case.get("work"))
     ref = ragged_decode_reference(x["q"], x["k"], x["v"], x["starts"], x["lengths"], scaling=scaling,
                                   softcap=case["softcap"])
     r = _compare(out, ref)

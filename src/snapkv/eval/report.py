@@ -138,12 +138,14 @@ def summary_tables(records: Sequence[dict[str, Any]]) -> list[str]:
                     lines.append(f"| {m} | {mode} | " + " | ".join(fmt(c) for c in cells) + " |")
         lines.append("")
         quarter = str(length // 4)
-        ret = retention(rs, quarter)
-        if ret is not None:
-            r_, lo, hi, n = ret
-            lines += [f"SnapKV query-aware at {quarter} tokens (4x compression) keeps **{100 * r_:.1f}%** of the "
-                      f"full cache's average score (paired bootstrap 95% CI {100 * lo:.0f}-{100 * hi:.0f}%, "
-                      f"n={n}).", ""]
+        for m in _methods(rs):
+            ret = retention(rs, quarter, method=m) if m != "full" else None
+            if ret is not None:
+                r_, lo, hi, n = ret
+                lines.append(f"* {m} query-aware at {quarter} tokens (4x compression) keeps **{100 * r_:.1f}%** of "
+                             f"the full cache's average score (paired bootstrap 95% CI {100 * lo:.0f}-"
+                             f"{100 * hi:.0f}%, n={n}).")
+        lines.append("")
     return lines
 
 

@@ -51,6 +51,7 @@ def _attention_kernel(q: torch.Tensor, cache: StaticKVCache, layer: int, scaling
     return ragged_decode_attention(
         q, cache.keys[layer].view(-1, d), cache.values[layer].view(-1, d), cache.starts[layer],
         cache.lengths[layer], max_len=cache.capacity, sm_scale=scaling,
+        work_tokens=max(1, cache.layer_tokens(layer)),  # splits sized on the kept tokens, not the padded slots
     )
 
 

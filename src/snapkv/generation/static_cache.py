@@ -101,6 +101,11 @@ class StaticKVCache:
         """Bytes allocated for keys and values (the whole capacity)."""
         return 2 * self.keys.numel() * self.keys.element_size()
 
+    def layer_tokens(self, layer: int) -> int:
+        """Tokens the heads of ``layer`` can hold in all: kept prompt tokens plus every new slot (host int)."""
+        heads, new = self.keys.shape[2], self.capacity - self.prompt_slots
+        return round(heads * sum(self.kept[layer])) + self.batch * heads * new
+
     def kept_bytes(self) -> int:
         """Bytes of the kept prompt tokens (all layers and rows, no filler, no free slots)."""
         per_token = 2 * self.keys.shape[2] * self.keys.shape[4] * self.keys.element_size()

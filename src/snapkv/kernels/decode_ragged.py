@@ -22,8 +22,8 @@ import triton
 import triton.language as tl
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-#: At most this many splits per head: bounds the fp32 partials at ``B * Hq * 64 * D`` floats.
-MAX_SPLITS = 64
+#: At most this many splits per head: bounds the fp32 partials at ``B * Hq * 256 * D`` floats.
+MAX_SPLITS = 256
 _SM_COUNT: dict[int, int] = {}
 
 
@@ -177,6 +177,7 @@ def ragged_decode_attention(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    work_tokens: int | None = None,
 ) -> torch.Tensor:
     """One query token per row attends to its heads' ragged K/V segments.
 
@@ -189,9 +190,12 @@ def ragged_decode_attention(
             (e.g. the cache's capacity) so the launch grid does not change between steps.
         sm_scale: logit scale; softcap: logit soft-cap (``softcap * tanh(x / softcap)``) or None.
         num_splits: splits of the longest head (default: splits of equal length so that the
-            buffer's ``S`` slots make about two programs per SM, at most :data:`MAX_SPLITS`).
+            ``work_tokens`` make about two programs per SM, at most :data:`MAX_SPLITS`).
         block_n: keys per inner block (default 64, 32 for head dims above 128).
         num_warps, num_stages: Triton launch options of the split pass (None: Triton's).
+        work_tokens: host bound of the tokens all segments may hold (default ``S``, the buffer's
+            rows); pass it when the buffer has much room no segment uses (a static cache sized
+            for its longest head), so splits are sized on the work, not on the allocation.
 
     Returns:
         ``[B, Hq, D]`` in ``q``'s dtype; accumulation is fp32.
@@ -208,8 +212,11 @@ def ragged_decode_attention(
         raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
     n_blocks = max(1, triton.cdiv(max_len, block_n))
     if num_splits is None:
-        # Equal-length splits sized on the whole buffer, so skewed heads still spread evenly.
-        per_split = triton.cdiv(triton.cdiv(k.shape[0], 2 * _sm_count(q.device)), block_n)
+        # Equal-length splits sized on the total work, so skewed heads still spread evenly.
+        work = k.shape[0] if work_tokens is None else work_tokens
+        if work < 1:
+            raise ValueError(f"work_tokens must be >= 1, got {work_tokens}")
+        per_split = triton.cdiv(triton.cdiv(work, 2 * _sm_count(q.device)), block_n)
         num_splits = min(MAX_SPLITS, triton.cdiv(n_blocks, max(1, per_split)))
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
