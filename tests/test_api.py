@@ -108,3 +108,30 @@ def test_load_local_folder_and_unknown_name(tmp_path):
     assert tok.padding_side == "left"
     with pytest.raises(ValueError, match="model must be one of"):
         load_model("no-such-model")
+
+
+def test_context_cache_probe_votes_then_leaves_the_cache(smollm2):
+    model, tok = smollm2
+    key = 40917
+    ctx = passkey_context(tok, 1500, 0.4, key)
+    config = SnapKVConfig(budget=128)
+    with ContextCache(model, tok, ctx, config, chat=False) as doc:
+        plain = doc.ask(QUESTION, max_new_tokens=6)
+    with ContextCache(model, tok, ctx, config, chat=False, probe=True) as doc:
+        probed = doc.ask(QUESTION, max_new_tokens=6)
+        again = doc.ask(QUESTION, max_new_tokens=6)
+        for layer in doc.cache.layers:  # exactly the budget of context tokens, none of the probe
+            assert layer.seen == doc.context_tokens and layer.physical_length == 128
+            assert int(layer.positions.max()) < doc.context_tokens
+    assert probed.kept_tokens == 128 and probed.tokens == again.tokens
+    assert str(key) in probed.text  # the context's last 32 tokens alone do not find it:
+    assert str(key) not in plain.text
+
+
+def test_context_cache_probe_bad_input():
+    with pytest.raises(ValueError, match="all full attention"):
+        ContextCache(tiny_model("gemma3"), None, "text", probe=True)
+    with pytest.raises(ValueError, match="probe must be True, False, None or a non-empty text"):
+        ContextCache(tiny_model("llama"), None, "text", probe="")
+    with pytest.raises(ValueError, match="probe must be"):
+        ContextCache(tiny_model("llama"), None, "text", probe=3)

@@ -5,11 +5,15 @@
   than ``window`` widens the window to cover all of its tokens (they are all kept and all
   vote); the budget is unchanged and must exceed that widened window, else ``ValueError``.
 * context-only: the context alone is compressed once; any number of questions are then
-  asked against that one cache, which is rolled back after each answer.
+  asked against that one cache, which is rolled back after each answer. With ``probe``, a
+  generic question appended to the context is the observation window while it is
+  compressed; it votes, then is cut from the cache (SnapKV's context-only weakness, lifted
+  at the price of nothing but the probe's own tokens in the prefill).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +25,12 @@ from snapkv.config import SnapKVConfig
 from snapkv.integration.hf import LayerStats, SnapKVSession
 
 MODES: tuple[str, ...] = ("query_aware", "context_only")
+
+#: A task-agnostic probe question for context-only caches (``ContextCache(probe=True)``).
+DEFAULT_PROBE = (
+    "\nQuestion: What are the special numbers, keys, names, values and words stated in the text above? "
+    "Recall them exactly."
+)
 
 
 @dataclass
@@ -144,6 +154,11 @@ def answer(
         return _answer(tokenizer, session, tokens, len(ctx_ids) + len(q_ids), pre, dec, eos)
 
 
+def _layer_types(model: torch.nn.Module) -> list[str]:
+    text = model.config.get_text_config(decoder=True)
+    return list(getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers)
+
+
 class ContextCache:
     """Compress a context once, then ask it many questions (context-only mode).
 
@@ -152,12 +167,29 @@ class ContextCache:
         with ContextCache(model, tokenizer, document, SnapKVConfig(budget=512)) as doc:
             print(doc.ask("Who wrote it?").text)
             print(doc.ask("When?").text)
+
+    Args:
+        model, tokenizer: a transformers decoder and its tokenizer.
+        context: the document.
+        config: budget (context tokens kept per layer and KV head) and scoring settings.
+        chat: wrap in the tokenizer's chat template (default: when it has one).
+        probe: ``True`` (:data:`DEFAULT_PROBE`) or a text appended to the context while it is
+            compressed: its tokens are the observation window (they vote instead of the
+            context's last tokens), then they are cut, so the cache holds exactly the budget
+            of context tokens. Needs a model whose layers are all full attention.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, context: str, config: SnapKVConfig | None = None,
-                 *, chat: bool | None = None) -> None:
+                 *, chat: bool | None = None, probe: bool | str | None = None) -> None:
         self.model, self.tokenizer, self.context, self.chat = model, tokenizer, context, chat
-        self.session = SnapKVSession(model, config or SnapKVConfig())
+        self.config = config or SnapKVConfig()
+        self.session = SnapKVSession(model, self.config)
+        if probe is not None and not isinstance(probe, (bool, str)) or probe == "":
+            raise ValueError(f"probe must be True, False, None or a non-empty text, got {probe!r}")
+        self.probe = DEFAULT_PROBE if probe is True else (probe or None)
+        if self.probe is not None and any(t != "full_attention" for t in _layer_types(model)):
+            raise ValueError("probe needs a model whose layers are all full attention: the probe cannot be "
+                             "cut from sliding-window layers")
         self._snap: Snapshot | None = None
         self.prefill_s = 0.0
 
@@ -166,8 +198,9 @@ class ContextCache:
         try:
             ctx_ids, _ = split_prompt(self.tokenizer, self.context, "?", self.chat)
             self.context_tokens = len(ctx_ids)
+            probe_ids = self._probe_ids(len(ctx_ids))
             self.cache = self.session.new_cache()
-            x = torch.tensor([ctx_ids], device=self.model.device)
+            x = torch.tensor([ctx_ids + probe_ids], device=self.model.device)
             _sync(self.model.device)
             t0 = time.perf_counter()
             with torch.no_grad():
@@ -175,6 +208,13 @@ class ContextCache:
             _sync(self.model.device)
             self.prefill_s = time.perf_counter() - t0
             self.stats = list(self.session.stats)
+            if probe_ids:  # the probe voted; now it leaves the cache
+                g = len(probe_ids)
+                for layer in self.cache.layers:
+                    layer.drop_tail(g)
+                self.stats = [dataclasses.replace(
+                    st, prompt_tokens=[n - g for n in st.prompt_tokens], kept_tokens=[k - g for k in st.kept_tokens],
+                    bytes_after=self.cache.layers[st.layer].kv_bytes()) for st in self.stats]
             self._snap = self.cache.snapshot()
         except BaseException:
             self.session.__exit__(None, None, None)
@@ -183,6 +223,18 @@ class ContextCache:
 
     def __exit__(self, *exc: object) -> None:
         self.session.__exit__(*exc)
+
+    def _probe_ids(self, context_tokens: int) -> list[int]:
+        """The probe's token ids, with the session set to keep the budget of context tokens plus them."""
+        if self.probe is None:
+            return []
+        ids = list(self.tokenizer(self.probe, add_special_tokens=False)["input_ids"])
+        keep = self.config.kept_tokens(context_tokens, window=len(ids))
+        if keep >= context_tokens:  # the context fits its budget: nothing to select, no probe needed
+            return []
+        self.session.config = dataclasses.replace(self.config, budget=keep + len(ids), window=len(ids))
+        self.session.window = len(ids)
+        return ids
 
     def ask(self, question: str, max_new_tokens: int = 32) -> Answer:
         """Answer one question against the compressed context, then roll the cache back."""

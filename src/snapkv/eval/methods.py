@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from snapkv.api import DEFAULT_PROBE
 from snapkv.methods import H2O, Method, RandomSelect, SnapKV, StreamingLLM
 
 
@@ -54,11 +55,8 @@ METHODS: dict[str, EvalMethod] = {
 #: ``probe``: context-only, but a generic question appended to the context votes, then is dropped.
 MODES: tuple[str, ...] = ("query", "context", "probe")
 
-#: The generic observation window of ``probe`` mode (task-agnostic).
-PROBE_TEXT = (
-    "\nQuestion: What are the special numbers, keys, names, values and words stated in the text above? "
-    "Recall them exactly."
-)
+#: The generic observation window of ``probe`` mode (task-agnostic; the library's default probe).
+PROBE_TEXT = DEFAULT_PROBE
 
 
 def resolve_methods(names: Sequence[str]) -> list[str]:
