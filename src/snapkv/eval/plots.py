@@ -71,18 +71,20 @@ def accuracy_vs_budget(records: Sequence[dict[str, Any]], path: Path, title: str
 
 
 def needle_heatmaps(records: Sequence[dict[str, Any]], path: Path, task: str, budget: str,
-                    method: str = "snapkv", mode: str = "query") -> Path | None:
-    """Depth x length heatmaps of the mean score: full cache beside ``method`` at ``budget``."""
+                    methods: Sequence[str] = ("snapkv", "snapkv-k31"), mode: str = "query") -> Path | None:
+    """Depth x length heatmaps of the mean score: full cache beside each of ``methods`` at ``budget``."""
     plt = _plt()
     rs = [r for r in records if r["task"] == task and r.get("depth") is not None]
-    panels = [("full cache", [r for r in rs if r["method"] == "full"]),
-              (f"{method} {mode} @ {budget}", [r for r in rs if r["method"] == method and r["mode"] == mode
-                                               and r["budget"] == budget])]
-    if not panels[0][1] or not panels[1][1]:
+    panels = [("full cache", [r for r in rs if r["method"] == "full"])]
+    for m in methods:
+        g = [r for r in rs if r["method"] == m and r["mode"] == mode and r["budget"] == budget]
+        if g:
+            panels.append((f"{m} {mode} @ {budget}", g))
+    if not panels[0][1] or len(panels) < 2:
         return None
     lengths = sorted({r["length"] for r in rs})
     depths = sorted({r["depth"] for r in rs})
-    fig, axes = plt.subplots(1, 2, figsize=(3 + 1.3 * len(lengths) * 2, 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3 + 1.3 * len(lengths) * len(panels), 3.8), squeeze=False)
     for ax, (name, g) in zip(axes.flat, panels, strict=True):
         grid, counts = [], []
         for d in depths:
