@@ -270,8 +270,8 @@ class SnapKVSession:
         kept tokens of each full-attention layer and shares the sliding layers' tensors.
         The new cache becomes the active one. Arguments left as None take the session's.
 
-        Scores are computed once per method object, layer and window of a capture: deriving
-        the same method at other budgets reuses them (until :meth:`new_cache`).
+        Scores are computed once per method (equal settings share them), layer and window of
+        a capture: deriving the same method at other budgets reuses them (until :meth:`new_cache`).
 
         ``prefix=n`` compresses only the first ``n`` prompt tokens, as if the prompt had
         ended there (causal attention makes their queries, keys and values a prefix of the
