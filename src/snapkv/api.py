@@ -154,11 +154,6 @@ def answer(
         return _answer(tokenizer, session, tokens, len(ctx_ids) + len(q_ids), pre, dec, eos)
 
 
-def _layer_types(model: torch.nn.Module) -> list[str]:
-    text = model.config.get_text_config(decoder=True)
-    return list(getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers)
-
-
 class ContextCache:
     """Compress a context once, then ask it many questions (context-only mode).
 
@@ -187,7 +182,7 @@ class ContextCache:
         if probe is not None and not isinstance(probe, (bool, str)) or probe == "":
             raise ValueError(f"probe must be True, False, None or a non-empty text, got {probe!r}")
         self.probe = DEFAULT_PROBE if probe is True else (probe or None)
-        if self.probe is not None and any(t != "full_attention" for t in _layer_types(model)):
+        if self.probe is not None and len(self.session.full_layers) < len(self.session.layer_types):
             raise ValueError("probe needs a model whose layers are all full attention: the probe cannot be "
                              "cut from sliding-window layers")
         self._snap: Snapshot | None = None

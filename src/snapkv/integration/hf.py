@@ -204,8 +204,8 @@ class SnapKVSession:
                 f"attention implementation {self.backend!r} cannot be wrapped by SnapKV; "
                 f"load the model with attn_implementation in {sorted(SUPPORTED_BACKENDS)}"
             )
-        layer_types = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
-        self.full_layers = [i for i, t in enumerate(layer_types) if t == "full_attention"]
+        self.layer_types = list(getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers)
+        self.full_layers = [i for i, t in enumerate(self.layer_types) if t == "full_attention"]
         self.window = self.config.window
         self._name = f"snapkv_{self.backend}_{next(_ids)}"
         self._cache: SnapKVCache | None = None
