@@ -58,3 +58,34 @@ def test_gpu_and_cpu_layers_keep_their_caches(family):
     """Layers on cuda:0 and on the CPU (or a second GPU when present): no cache is gathered anywhere."""
     second = "cuda:1" if torch.cuda.device_count() > 1 else "cpu"
     _check_split(["cuda:0", second], family)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_two_gpu_split_at_128k_repeats_without_launch_blocking():
+    """Issue 14's crash: SnapKV on a model split over cuda:0/cuda:1 failed at 128K (kernels launched on the
+    current device, not their tensors'). Eight layers of the Llama-3-8B shape, 131072 tokens, three runs: each
+    completes and equals the same weights on one GPU (logits of the prefill and 4 greedy steps)."""
+    import copy
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=8, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=32000, max_position_embeddings=1 << 18, rope_theta=500000.0)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device("cuda:0"):
+        single = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    split = dispatch_model(copy.deepcopy(single).to("cuda:1"), device_map=_split_map(single, ["cuda:0", "cuda:1"]))
+    ids = torch.randint(4, 32000, (1, 131072), device="cuda:0")
+    config = SnapKVConfig(budget=1024)
+    ref, _ = _run(single, ids, None, config)
+    for _ in range(3):
+        out, cache = _run(split, ids, None, config)
+        torch.cuda.synchronize("cuda:0")
+        torch.cuda.synchronize("cuda:1")
+        assert {str(layer.keys.device) for layer in cache.layers} == {"cuda:0", "cuda:1"}
+        assert all(layer.physical_length == 1024 + 3 for layer in cache.layers)
+        assert torch.equal(out.sequences.cpu(), ref.sequences.cpu())
+        for a, b in zip(ref.logits, out.logits, strict=True):
+            torch.testing.assert_close(a.float().cpu(), b.float().cpu(), atol=0.15, rtol=0.05)

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from snapkv.kernels.device import on_device, same_device
+
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -109,11 +111,12 @@ def add_rmsnorm(
     out = torch.empty_like(x) if out is None else out
     _check_rows("out", out, r, h, x.dtype)
     block = triton.next_power_of_2(h)
-    _add_rmsnorm_kernel[(r,)](
-        x, delta if delta is not None else x, weight, out, h, float(eps),
-        x.stride(0), delta.stride(0) if delta is not None else 0, out.stride(0),
-        HAS_DELTA=delta is not None, BLOCK=block, num_warps=8 if block >= 2048 else 4,
-    )
+    with on_device(same_device(x=x, delta=delta, weight=weight, out=out)):
+        _add_rmsnorm_kernel[(r,)](
+            x, delta if delta is not None else x, weight, out, h, float(eps),
+            x.stride(0), delta.stride(0) if delta is not None else 0, out.stride(0),
+            HAS_DELTA=delta is not None, BLOCK=block, num_warps=8 if block >= 2048 else 4,
+        )
     return out
 
 
@@ -156,13 +159,15 @@ def rope_append(
     if write_pos.dtype != torch.int64 or write_pos.numel() != 1 or write_pos.device != q.device:
         raise ValueError("write_pos must be a one-element int64 tensor on the inputs' device")
     q_out = torch.empty((b, hq, d), dtype=q.dtype, device=q.device)
-    _rope_append_kernel[(b, hq + hkv)](
-        q, k, v, cos, sin, q_out, k_cache, v_cache, write_pos,
-        q.stride(0), k.stride(0), v.stride(0), cos.stride(0), q_out.stride(0), q_out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        HQ=hq, D=d, num_warps=1 if d <= 128 else 2,
-    )
+    same_device(q=q, k=k, v=v, cos=cos, sin=sin, k_cache=k_cache, v_cache=v_cache, write_pos=write_pos)
+    with on_device(q.device):
+        _rope_append_kernel[(b, hq + hkv)](
+            q, k, v, cos, sin, q_out, k_cache, v_cache, write_pos,
+            q.stride(0), k.stride(0), v.stride(0), cos.stride(0), q_out.stride(0), q_out.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            HQ=hq, D=d, num_warps=1 if d <= 128 else 2,
+        )
     return q_out
 
 
@@ -175,6 +180,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     _check_rows("up", up, r, n, gate.dtype)
     out = torch.empty_like(gate)
     block = 1024
-    _silu_mul_kernel[(r, triton.cdiv(n, block))](gate, up, out, n, gate.stride(0), up.stride(0), out.stride(0),
-                                                 BLOCK=block, num_warps=4)
+    with on_device(same_device(gate=gate, up=up)):
+        _silu_mul_kernel[(r, triton.cdiv(n, block))](gate, up, out, n, gate.stride(0), up.stride(0), out.stride(0),
+                                                     BLOCK=block, num_warps=4)
     return out

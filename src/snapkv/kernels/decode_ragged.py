@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from snapkv.kernels.device import on_device, same_device
+
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: At most this many splits per head: bounds the fp32 partials at ``B * Hq * 256 * D`` floats.
 MAX_SPLITS = 256
@@ -136,6 +138,7 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor) -> None:
+    same_device(q=q, k=k, v=v, starts=starts, lengths=lengths)
     interp = os.environ.get("TRITON_INTERPRET") == "1"
     for name, t in (("q", q), ("k", k), ("v", v), ("starts", starts), ("lengths", lengths)):
         if not isinstance(t, torch.Tensor):
@@ -231,6 +234,15 @@ def ragged_decode_attention(
     if b == 0 or hq == 0:
         return out
     interp = os.environ.get("TRITON_INTERPRET") == "1"
+    with on_device(q.device):
+        _launch(q, k, v, starts, lengths, mid_o, mid_lse, out, sm_scale, softcap, split, hkv, g, d, block_n, block_d,
+                interp, num_splits, launch)
+    return out
+
+
+def _launch(q, k, v, starts, lengths, mid_o, mid_lse, out, sm_scale, softcap, split, hkv, g, d, block_n, block_d,
+            interp, num_splits, launch) -> None:
+    b, hq = q.shape[0], q.shape[1]
     _ragged_decode_split[(b * hkv, num_splits)](
         q, k, v, starts, lengths, mid_o, mid_lse,
         float(sm_scale), float(softcap or 1.0),
@@ -249,4 +261,3 @@ def ragged_decode_attention(
         HQ=hq, D=d,
         BLOCK_S=min(32, max(2, triton.next_power_of_2(num_splits))), BLOCK_D=block_d,
     )
-    return out

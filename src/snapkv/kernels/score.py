@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from snapkv.kernels.device import on_device, same_device
+
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 512
 
@@ -288,6 +290,21 @@ def reduced_window_votes_triton(
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     _check(q_win, keys, key_valid, softcap, gqa_reduce, out)
+    with on_device(same_device(q_win=q_win, keys=keys, key_valid=key_valid, out=out)):
+        return _launch_votes(q_win, keys, key_valid, scaling, softcap, gqa_reduce, out, num_splits, block_n)
+
+
+def _launch_votes(
+    q_win: torch.Tensor,
+    keys: torch.Tensor,
+    key_valid: torch.Tensor | None,
+    scaling: float,
+    softcap: float | None,
+    gqa_reduce: str,
+    out: torch.Tensor | None,
+    num_splits: int | None,
+    block_n: int | None,
+) -> torch.Tensor:
     b, hq, w, d = q_win.shape
     _, hkv, length, _ = keys.shape
     g = hq // hkv
