@@ -176,22 +176,29 @@ def engine_vs_hf(shape: str, layers: int | None, n: int = 3000, steps: int = 12,
 
 
 def graph_vs_eager() -> dict[str, Any]:
-    """Replaying the captured step gives the eager step's tokens; fused kernels match the plain step."""
+    """Replaying the captured step gives the eager step's logits; fused kernels match the plain step.
+
+    Teacher-forced: every variant is fed the same token path (the first variant's greedy tokens), so
+    one bf16 argmax flip cannot make every later step differ (the H200 run failed on exactly that).
+    """
     from snapkv.bench.models import random_model
 
     model = random_model("llama3-8b", device="cuda", num_layers=2)
     ids = torch.randint(4, 1000, (3, 5000), device="cuda")
     outs = {}
     same_buffer = True
+    path: list[torch.Tensor] = []
     for use_graph, fused in ((False, True), (True, True), (True, False)):
         engine = Engine(model, SnapKVConfig(budget=1024), use_graph=use_graph, fused=fused)
         with torch.inference_mode():
             cache, logits, _ = engine.prefill(ids, max_new_tokens=8)
             runner = engine.runner(cache)
-            runner.feed(logits.argmax(-1))
             ptr = cache.keys.data_ptr()
             steps = []
-            for _ in range(6):
+            for t in range(6):
+                if len(path) <= t:  # the first variant sets the path
+                    path.append((logits if t == 0 else steps[-1]).argmax(-1))
+                runner.feed(path[t])
                 runner.step()
                 steps.append(runner.logits.float().clone())
             same_buffer = same_buffer and cache.keys.data_ptr() == ptr
@@ -236,7 +243,11 @@ def oom_recovery() -> dict[str, Any]:
     model = random_model("mistral-small", device="cuda")
     base = torch.cuda.memory_allocated()
     engine = Engine(model, None)
-    big = torch.randint(4, 1000, (8, 1 << 20), device="cpu")
+    # Sized from this device's free memory: 8 rows whose full caches need twice what is free.
+    p = engine.parts
+    per_token = 2 * p.num_layers * p.num_kv_heads * p.head_dim * torch.empty((), dtype=p.dtype).element_size()
+    length = max(1 << 16, 2 * torch.cuda.mem_get_info()[0] // (8 * per_token))
+    big = torch.randint(4, 1000, (8, length), device="cpu")
     message = ""
     try:
         engine.prefill(big)
@@ -266,7 +277,7 @@ def oom_recovery() -> dict[str, Any]:
     torch.cuda.empty_cache()
     return {"ok": refused and raised and usable and after - base < (64 << 20), "refused_with_hint": refused,
             "oom_raised": raised, "leaked_mib": round((after - base) / 2**20, 1), "usable_after": usable,
-            "message": message[:200]}
+            "refused_tokens": f"8 x {length}", "message": message[:200]}
 
 
 def main(argv: list[str] | None = None) -> int:
