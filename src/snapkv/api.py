@@ -22,7 +22,8 @@ import torch
 
 from snapkv.cache.compressed import SnapKVCache, Snapshot
 from snapkv.config import SnapKVConfig
-from snapkv.integration.hf import LayerStats, SnapKVSession
+from snapkv.cache.compress import LayerStats
+from snapkv.integration.session import SnapKVSession
 
 MODES: tuple[str, ...] = ("query_aware", "context_only")
 

@@ -18,7 +18,7 @@ import torch
 from snapkv.config import SnapKVConfig
 from snapkv.generation import DecodeRunner, Engine, NotEnoughMemoryError
 from snapkv.generation.attention import causal_chunk_attention, decode_attention, decode_attention_ref
-from snapkv.integration.hf import SnapKVSession
+from snapkv.integration.session import SnapKVSession
 
 RESULTS: list[dict[str, Any]] = []
 

@@ -177,6 +177,7 @@ def ragged_attention(
     *,
     scaling: float,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
     use_kernel: bool | None = None,
 ) -> torch.Tensor:
     """Append the new tokens to ``layer`` and attend to each head's segment: the decode step.
@@ -187,6 +188,7 @@ def ragged_attention(
         new_key: ``[B, Hkv, q, D]`` post-RoPE keys of the new tokens.
         new_value: ``[B, Hkv, q, D]`` their values.
         scaling: logit scale; softcap: logit soft-cap or None.
+        sinks: ``[Hq]`` attention-sink logits (gpt-oss ``s_aux``) or None.
         use_kernel: force the Triton kernel (True) or the torch twin (False); None picks the
             kernel on CUDA.
 
@@ -209,6 +211,7 @@ def ragged_attention(
             max_len=layer.max_capacity,
             scaling=scaling,
             softcap=softcap,
+            sinks=sinks,
             use_kernel=use_kernel,
         )  # [B, Hq, D]
         outs.append(out)

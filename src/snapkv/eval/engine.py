@@ -24,7 +24,7 @@ from snapkv.cache.compressed import CompressedLayer, SnapKVCache
 from snapkv.config import SnapKVConfig
 from snapkv.eval.methods import METHODS, PROBE_TEXT
 from snapkv.eval.tasks import Codec, Sample
-from snapkv.integration.hf import SnapKVSession
+from snapkv.integration.session import SnapKVSession
 from snapkv.methods import Method
 
 

@@ -21,7 +21,7 @@ from snapkv.config import SnapKVConfig
 from snapkv.core.scoring import window_votes
 from snapkv.eval.engine import greedy
 from snapkv.eval.tasks import Codec, make_sample
-from snapkv.integration.hf import SnapKVSession
+from snapkv.integration.session import SnapKVSession
 
 
 def layer_hit_rate(

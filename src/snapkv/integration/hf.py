@@ -1,43 +1,41 @@
-"""transformers glue: a scoped attention function that compresses each layer after its prefill.
+"""transformers glue: one SnapKV attention function per model, routed by the cache in use.
 
-Nothing is monkeypatched. Entering :class:`SnapKVSession` registers an attention function
-(and the matching mask function) under a name unique to the session, switches the model to
-it, and leaving restores the model's own implementation and removes both registrations.
+Nothing is monkeypatched and no state outlives its users. :func:`enable` registers an
+attention function (and the matching mask function) under a name unique to the model,
+switches the model to it, checks that the switch happened, and returns a :class:`Lease`.
+Leases are reference-counted per model: the function stays while any lease is held (a
+:class:`~snapkv.cache.SnapKVCache` holds one, a :class:`~snapkv.SnapKVSession` holds one),
+and releasing the last one restores the model's own implementation and removes both
+registrations.
 
-The registered function wraps the backend the model was loaded with (eager, sdpa, flash):
+The function itself holds no settings. Each cache routes its own forwards: when a
+:class:`~snapkv.cache.SnapKVCache` stores a layer's keys it marks itself in a context
+variable (one per thread and per asyncio task) as the cache of the next attention call, and
+the function hands that call to the cache, which attends and compresses with its own config
+and method. So any number of caches, sessions and threads can interleave on one model.
 
-* prefill into an empty :class:`~snapkv.cache.CompressedLayer`: the backend attends to the
-  full prompt (the first generated token sees everything), then the layer's method scores
-  the prompt from the model's own post-RoPE queries and the layer keeps its selection,
-  so only one layer's full KV is alive at a time;
-* later calls on a compressed layer: the backend attends to the kept tokens plus the new
-  ones, with a mask that SnapKV builds from each row's filler slots;
-* sliding-window layers: untouched, they keep their own window.
+A forward whose cache is not a SnapKV cache runs the model's own backend unchanged (it asks
+for no compression), except while a :class:`~snapkv.SnapKVSession` is open on the model:
+inside a session such a forward is a mistake (the session's cache was not passed) and raises.
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
+import functools
 import inspect
 import itertools
 import sys
+import threading
+import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-from snapkv.cache.compressed import CompressedLayer, SnapKVCache
-from snapkv.cache.ragged import RaggedLayer, ragged_attention
-from snapkv.config import SnapKVConfig
-from snapkv.core.adaptive import HEAD_MODES, select_adaptive
-from snapkv.core.budgets import PROFILES, layer_budget
-from snapkv.methods.base import Method, ScoreInputs
-from snapkv.methods.snapkv import SnapKV
 
 #: Attention implementations SnapKV can wrap, and the mask format each expects.
 SUPPORTED_BACKENDS: dict[str, str] = {
@@ -56,8 +54,29 @@ def cache_argument(model: torch.nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def _text_config(model: torch.nn.Module) -> Any:
+def text_config(model: torch.nn.Module) -> Any:
+    """The decoder's config (the model's own for text-only models)."""
     return model.config.get_text_config(decoder=True)
+
+
+def layer_types(model: torch.nn.Module) -> list[str]:
+    """``full_attention`` / ``sliding_attention`` (...) of every decoder layer."""
+    text = text_config(model)
+    return list(getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers)
+
+
+def model_backend(model: torch.nn.Module) -> str:
+    """The attention implementation SnapKV would wrap; ``ValueError`` if it cannot."""
+    hook = _HOOKS.get(id(model))
+    if hook is not None and hook.model is model:
+        return hook.backend
+    backend = text_config(model)._attn_implementation or "eager"
+    if backend not in SUPPORTED_BACKENDS:
+        raise ValueError(
+            f"attention implementation {backend!r} cannot be wrapped by SnapKV; "
+            f"load the model with attn_implementation in {sorted(SUPPORTED_BACKENDS)}"
+        )
+    return backend
 
 
 def _backend_function(name: str, module: torch.nn.Module) -> Callable[..., Any]:
@@ -67,13 +86,17 @@ def _backend_function(name: str, module: torch.nn.Module) -> Callable[..., Any]:
 
 
 def key_valid_from_mask(mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:
-    """``[B, L]`` bool (False at padding) read off the backend's prefill mask, or None."""
+    """``[B, L]`` bool (False at padding) read off the backend's prefill mask, or None.
+
+    A 4-D mask is read at its last query row: causal masks let it see every real key of
+    its row, whether the row is padded on the left or on the right.
+    """
     if mask is None:
         return None
     if mask.dim() == 2:
         valid = mask.bool()
     elif mask.dim() == 4:
-        last = mask[:, 0, -1, :]  # the last query sees every real key of its row
+        last = mask[:, 0, -1, :]  # the last query sees every real key of its row, padded left or right
         valid = last if last.dtype == torch.bool else last == 0
     else:
         raise ValueError(f"unexpected attention mask of shape {tuple(mask.shape)}")
@@ -83,7 +106,7 @@ def key_valid_from_mask(mask: torch.Tensor | None, batch: int, length: int) -> t
     return None if bool(valid.all()) else valid
 
 
-def decode_mask(layer: CompressedLayer, q_len: int, kind: str, dtype: torch.dtype) -> torch.Tensor:
+def decode_mask(layer: Any, q_len: int, kind: str, dtype: torch.dtype) -> torch.Tensor:
     """Mask for ``q_len`` new queries against a compressed layer, in the backend's format."""
     total = layer.physical_length
     valid = layer.slot_valid(total)  # [B, K]
@@ -98,248 +121,64 @@ def decode_mask(layer: CompressedLayer, q_len: int, kind: str, dtype: torch.dtyp
     return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
-def _prefix(inputs: ScoreInputs, n: int) -> ScoreInputs:
-    """Scoring inputs of the first ``n`` prompt tokens (a causal prefix of a capture)."""
-    valid = inputs.key_valid[:, :n] if inputs.key_valid is not None else None
-    if valid is not None and not bool(valid.any(-1).all()):
-        raise ValueError(f"prefix {n} leaves a row with no real token (left padding is longer)")
-    return dataclasses.replace(inputs, queries=inputs.queries[:, :, :n], keys=inputs.keys[:, :, :n],
-                               key_valid=valid)
+# -- routing: which cache the next attention call of this thread belongs to ------------------
 
 
-def _method_key(method: Method) -> Any:
-    """Methods with equal settings score alike: a dataclass method is keyed by its fields."""
-    if dataclasses.is_dataclass(method):
-        return (type(method), repr(method))
-    return id(method)
+@dataclass(slots=True, frozen=True)
+class _Route:
+    cache: weakref.ref
+    layer_idx: int
+    key: weakref.ref
 
 
-class _Memoized(Method):
-    """A method whose scores for one layer of a capture are computed once (derive())."""
-
-    def __init__(self, inner: Method, memo: dict[tuple[int, int, int], Any], key: tuple[int, int, int]) -> None:
-        self.inner, self.memo, self.key = inner, memo, key
-        self.name = inner.name
-
-    def score(self, inputs: ScoreInputs) -> torch.Tensor:
-        keys, hit = inputs.keys, self.memo.get(self.key)
-        # The memo holds the scored keys, so an equal address and layout is the same capture.
-        if hit is not None and (hit[0].data_ptr(), hit[0].shape, hit[0].stride()) == (
-                keys.data_ptr(), keys.shape, keys.stride()):
-            return hit[1]
-        scores = self.inner.score(inputs)
-        self.memo[self.key] = (keys, scores)
-        return scores
+_ROUTE: ContextVar[_Route | None] = ContextVar("snapkv_route", default=None)
 
 
-def _snapkv_from(config: SnapKVConfig) -> SnapKV:
-    return SnapKV(kernel=config.kernel, pooling=config.pooling, gqa_reduce=config.gqa_reduce,
-                  chunk_size=config.chunk_size)
+def mark_route(cache: Any, layer_idx: int, key: torch.Tensor) -> None:
+    """Record ``cache`` as the owner of this thread's next attention call (of ``layer_idx`` on ``key``).
 
-
-@dataclass
-class LayerStats:
-    """What compression did to one layer."""
-
-    layer: int
-    prompt_tokens: list[int]
-    kept_tokens: list[int]
-    bytes_before: int
-    bytes_after: int
-
-
-@dataclass
-class SnapKVSession:
-    """Compress a model's prompt KV cache inside a ``with`` block.
-
-    Example::
-
-        with SnapKVSession(model, SnapKVConfig(budget=1024)) as session:
-            cache = session.new_cache()
-            out = model.generate(**inputs, past_key_values=cache, max_new_tokens=32)
-
-    Args:
-        model: a transformers decoder (``*ForCausalLM``) on any device map.
-        config: window and budget.
-        method: how positions are scored (default :class:`~snapkv.methods.SnapKV` with the
-            config's kernel, pooling and GQA reduction).
-        layer_profile: ``"uniform"`` or ``"pyramid"`` budgets across compressed layers.
-        head_budget: ``"uniform"`` (every KV head keeps the same count) or ``"adaptive"``
-            (AdaKV: one top-k across the layer's heads with a per-head floor), stored in a
-            ragged per-head cache that frees what it does not keep.
-        alpha: share of each head's uniform prefix budget guaranteed to it (adaptive).
-        slack: slots per head reserved for new tokens in the ragged cache (adaptive);
-            appending more raises.
-        capture: keep the full prompt KV and record each full layer's scoring inputs
-            instead of compressing, so :meth:`derive` can build compressed caches for many
-            methods and budgets from one prefill (evaluation).
+    Raises ``RuntimeError`` when the previous mark of this cache was never consumed: the
+    model ran an attention that was not SnapKV's (its implementation was switched away, or
+    the cache is used with a model SnapKV is not enabled on).
     """
-
-    model: torch.nn.Module
-    config: SnapKVConfig = field(default_factory=SnapKVConfig)
-    method: Method | None = None
-    layer_profile: str = "uniform"
-    head_budget: str = "uniform"
-    alpha: float = 0.2
-    slack: int = 256
-    capture: bool = False
-    stats: list[LayerStats] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if self.layer_profile not in PROFILES:
-            raise ValueError(f"layer_profile must be one of {PROFILES}, got {self.layer_profile!r}")
-        if self.head_budget not in HEAD_MODES:
-            raise ValueError(f"head_budget must be one of {HEAD_MODES}, got {self.head_budget!r}")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha must lie in [0, 1], got {self.alpha!r}")
-        if isinstance(self.slack, bool) or not isinstance(self.slack, int) or self.slack < 1:
-            raise ValueError(f"slack must be an integer >= 1 (new tokens per head), got {self.slack!r}")
-        self._default_method = self.method is None
-        if self.method is None:
-            self.method = _snapkv_from(self.config)
-        text = _text_config(self.model)
-        self.backend = text._attn_implementation or "eager"
-        if self.backend not in SUPPORTED_BACKENDS:
-            raise ValueError(
-                f"attention implementation {self.backend!r} cannot be wrapped by SnapKV; "
-                f"load the model with attn_implementation in {sorted(SUPPORTED_BACKENDS)}"
-            )
-        self.layer_types = list(getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers)
-        self.full_layers = [i for i, t in enumerate(self.layer_types) if t == "full_attention"]
-        self.window = self.config.window
-        self._name = f"snapkv_{self.backend}_{next(_ids)}"
-        self._cache: SnapKVCache | None = None
-        self._active = False
-        self.captured: dict[int, tuple[ScoreInputs, torch.Tensor]] = {}
-        # derive()'s scores: method key -> (method, {(layer, window, length): (keys scored, scores)})
-        self._scores: dict[Any, tuple[Method, dict[tuple[int, int, int], Any]]] = {}
-
-    # -- context -------------------------------------------------------------------------
-    def __enter__(self) -> SnapKVSession:
-        AttentionInterface.register(self._name, self._attention)
-        AttentionMaskInterface.register(self._name, AttentionMaskInterface._global_mapping[self.backend])
-        try:
-            self.model.set_attn_implementation(self._name)
-        except Exception:
-            self._unregister()
-            raise
-        self._active = True
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        try:
-            self.model.set_attn_implementation(self.backend)
-        finally:
-            self._unregister()
-            self._active = False
-            self._cache = None
-
-    def _unregister(self) -> None:
-        AttentionInterface._global_mapping.pop(self._name, None)
-        AttentionMaskInterface._global_mapping.pop(self._name, None)
-
-    # -- caches --------------------------------------------------------------------------
-    def new_cache(self) -> SnapKVCache:
-        """A fresh cache for one prompt (or one batch of prompts)."""
-        if not self._active:
-            raise RuntimeError("create caches inside `with SnapKVSession(...)`")
-        self._cache = SnapKVCache(config=self.model.config)
-        self.stats = []
-        self.captured = {}
-        self._scores = {}
-        return self._cache
-
-    def activate(self, cache: SnapKVCache) -> None:
-        """Make ``cache`` the one the next forwards use (e.g. a cache from :meth:`derive`)."""
-        self._cache = cache
-
-    def derive(
-        self,
-        source: SnapKVCache,
-        method: Method | None = None,
-        config: SnapKVConfig | None = None,
-        layer_profile: str | None = None,
-        window: int | None = None,
-        head_budget: str | None = None,
-        alpha: float | None = None,
-        prefix: int | None = None,
-    ) -> SnapKVCache:
-        """A compressed copy of a captured prefill (``capture=True``), for another method or budget.
-
-        The prompt's full KV in ``source`` is shared, not copied; the new cache holds the
-        kept tokens of each full-attention layer and shares the sliding layers' tensors.
-        The new cache becomes the active one. Arguments left as None take the session's.
-
-        Scores are computed once per method (equal settings share them), layer and window of
-        a capture: deriving the same method at other budgets reuses them (until :meth:`new_cache`).
-
-        ``prefix=n`` compresses only the first ``n`` prompt tokens, as if the prompt had
-        ended there (causal attention makes their queries, keys and values a prefix of the
-        capture): one prefill of context + question serves context-only compression too.
-        It needs every layer to be full attention (sliding layers keep only their window).
-        """
-        if not self.captured:
-            raise RuntimeError("derive() needs a prefill run with SnapKVSession(..., capture=True)")
-        head_budget = head_budget or self.head_budget
-        if head_budget not in HEAD_MODES:
-            raise ValueError(f"head_budget must be one of {HEAD_MODES}, got {head_budget!r}")
-        alpha = self.alpha if alpha is None else alpha
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must lie in [0, 1], got {alpha!r}")
-        if method is None:  # a config of its own brings its own SnapKV settings
-            use_config = config is not None and self._default_method
-            method = _snapkv_from(config) if use_config else self.method
-        config = config or self.config
-        profile = layer_profile or self.layer_profile
-        window = window or config.window
-        if prefix is not None:
-            if not all(isinstance(layer, CompressedLayer) for layer in source.layers):
-                raise ValueError("derive(prefix=...) needs every layer to be full attention; "
-                                 "this model has sliding-window layers")
-            length = next(iter(self.captured.values()))[0].keys.shape[-2]
-            if isinstance(prefix, bool) or not isinstance(prefix, int) or not window < prefix <= length:
-                raise ValueError(f"prefix must be an integer in ({window}, {length}] (window, captured "
-                                 f"tokens], got {prefix!r}")
-        memo = self._scores.setdefault(_method_key(method), (method, {}))[1]
-        new = SnapKVCache(config=self.model.config)
-        stats = []
-        for i, (src, dst) in enumerate(zip(source.layers, new.layers, strict=True)):
-            if not isinstance(src, CompressedLayer):
-                new.layers[i] = copy.copy(src)
-                continue
-            inputs, values = self.captured[i]
-            if src.seen != inputs.keys.shape[-2]:
-                raise RuntimeError("derive() takes a cache holding only the captured prompt, nothing appended")
-            if prefix is not None and prefix < inputs.keys.shape[-2]:
-                inputs, values = _prefix(inputs, prefix), values[:, :, :prefix]
-            inputs = dataclasses.replace(inputs, window=window)
-            dst.lazy_initialization(inputs.keys, values)
-            dst.keys, dst.values = inputs.keys, values
-            dst.seen = inputs.keys.shape[-2]
-            scorer = _Memoized(method, memo, (i, window, inputs.keys.shape[-2]))
-            stats.append(self._select(dst, inputs, values, scorer, config, profile, head_budget, alpha))
-        self.stats = stats
-        self._cache = new
-        return new
-
-    def cache_kwargs(self, cache: SnapKVCache) -> dict[str, SnapKVCache]:
-        """``{name: cache}`` with the cache keyword of the installed transformers."""
-        return {cache_argument(self.model): cache}
-
-    def _layer(self, layer_idx: int, key: torch.Tensor) -> Any:
-        cache = self._cache
-        layer = cache.layers[layer_idx] if cache is not None and layer_idx < len(cache.layers) else None
-        if isinstance(layer, CompressedLayer) and layer.keys is key:  # a ragged layer holds the new keys
-            return layer
-        if layer is not None and not isinstance(layer, CompressedLayer) and layer.is_sliding:
-            return layer
+    previous = _ROUTE.get()
+    if previous is not None and previous.cache() is cache:
+        _ROUTE.set(None)
         raise RuntimeError(
-            "SnapKV found no SnapKV cache in this forward: pass the cache from "
-            "`session.new_cache()` as the model's cache (use_cache must stay on)"
+            f"layer {previous.layer_idx} of this SnapKVCache was attended by another attention function "
+            "than SnapKV's: the cache is used with a model SnapKV is not enabled on, or the model's "
+            "attention implementation was changed while the cache is in use"
         )
+    _ROUTE.set(_Route(weakref.ref(cache), layer_idx, weakref.ref(key)))
 
-    # -- the attention function ----------------------------------------------------------
-    def _attention(
+
+def _take_route(layer_idx: int, key: torch.Tensor) -> Any:
+    """The cache that marked this call (and clear the mark), or None."""
+    route = _ROUTE.get()
+    if route is None:
+        return None
+    _ROUTE.set(None)
+    cache = route.cache()
+    if cache is None or route.layer_idx != layer_idx or route.key() is not key:
+        return None
+    return cache
+
+
+# -- one attention function per model, reference-counted -------------------------------------
+
+
+class _ModelHook:
+    """SnapKV's attention function registered on one model while leases are held."""
+
+    def __init__(self, model: torch.nn.Module, backend: str) -> None:
+        self.model = model
+        self.backend = backend
+        self.kind = SUPPORTED_BACKENDS[backend]
+        self.name = f"snapkv_{backend}_{next(_ids)}"
+        self.users = 0
+        self.strict_users = 0
+
+    def attention(
         self,
         module: torch.nn.Module,
         query: torch.Tensor,
@@ -348,87 +187,131 @@ class SnapKVSession:
         attention_mask: torch.Tensor | None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, Any]:
+        """The registered function: hand the call to the cache that marked it, else the backend."""
         backend = _backend_function(self.backend, module)
-        layer = self._layer(module.layer_idx, key)
-        if not isinstance(layer, CompressedLayer):  # sliding window: its own cache
+        cache = _take_route(module.layer_idx, key)
+        if cache is None:
+            if self.strict_users:
+                raise RuntimeError(
+                    "SnapKV found no SnapKV cache in this forward: pass the cache from "
+                    "`session.new_cache()` as the model's cache (use_cache must stay on)"
+                )
             return backend(module, query, key, value, attention_mask, **kwargs)
-        if layer.ragged is not None:  # per-head lengths: SnapKV's own decode attention
-            scaling = kwargs.get("scaling", module.scaling)
-            out = ragged_attention(query, layer.ragged, key, value, scaling=scaling, softcap=kwargs.get("softcap"))
-            return out, None
-        if layer.compressed:
-            kind = SUPPORTED_BACKENDS[self.backend]
-            mask = decode_mask(layer, query.shape[-2], kind, query.dtype)
-            return backend(module, query, key, value, mask, **kwargs)
-        if layer.prefilled:  # the prompt fit the budget: nothing was removed
-            return backend(module, query, key, value, attention_mask, **kwargs)
-        out = backend(module, query, key, value, attention_mask, **kwargs)
-        if layer.seen != key.shape[-2] or query.shape[-2] != key.shape[-2]:
-            raise RuntimeError(
-                "SnapKV compresses a layer in one prefill forward; this forward appended "
-                f"{query.shape[-2]} tokens to a layer holding {key.shape[-2] - query.shape[-2]}"
+        if cache.model is not self.model:
+            raise RuntimeError("this SnapKVCache was built for another model")
+        return cache.attend(module, query, key, value, attention_mask, backend, self.kind, kwargs)
+
+    def install(self) -> None:
+        AttentionInterface.register(self.name, self.attention)
+        AttentionMaskInterface.register(self.name, AttentionMaskInterface._global_mapping[self.backend])
+        try:
+            self.model.set_attn_implementation(self.name)
+            self._check_switched()
+        except BaseException:
+            self.uninstall()
+            raise
+
+    def _check_switched(self) -> None:
+        """transformers only logs a warning when a model cannot switch (legacy/remote code): raise."""
+        stale = [] if text_config(self.model)._attn_implementation == self.name else ["config"]
+        for name, module in self.model.named_modules():
+            cfg = getattr(module, "config", None)
+            if hasattr(module, "layer_idx") and getattr(cfg, "_attn_implementation", self.name) != self.name:
+                stale.append(name)
+        if stale:
+            raise ValueError(
+                f"{type(self.model).__name__}.set_attn_implementation() did not switch the attention of "
+                f"{stale[:3]}{' ...' if len(stale) > 3 else ''} to SnapKV's (legacy or remote-code modeling "
+                "files ignore it); SnapKV cannot compress this model's cache"
             )
-        self._compress(module, layer, query, key, value, attention_mask, kwargs)
-        return out
 
-    def _compress(
-        self,
-        module: torch.nn.Module,
-        layer: CompressedLayer,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        kwargs: dict[str, Any],
-    ) -> None:
-        b, _, length, _ = key.shape
-        inputs = ScoreInputs(
-            queries=query,
-            keys=key,
-            key_valid=key_valid_from_mask(attention_mask, b, length),
-            window=self.window,
-            scaling=kwargs.get("scaling", module.scaling),
-            softcap=kwargs.get("softcap"),
-            layer_idx=module.layer_idx,
-        )
-        if self.capture:
-            layer.prefilled = True
-            self.captured[module.layer_idx] = (inputs, value)
-            return
-        self.stats.append(self._select(layer, inputs, value, self.method, self.config, self.layer_profile,
-                                       self.head_budget, self.alpha))
+    def uninstall(self) -> None:
+        try:
+            if text_config(self.model)._attn_implementation != self.backend:
+                self.model.set_attn_implementation(self.backend)
+        finally:
+            AttentionInterface._global_mapping.pop(self.name, None)
+            AttentionMaskInterface._global_mapping.pop(self.name, None)
 
-    def _select(
-        self,
-        layer: CompressedLayer,
-        inputs: ScoreInputs,
-        values: torch.Tensor,
-        method: Method,
-        config: SnapKVConfig,
-        profile: str,
-        head_budget: str,
-        alpha: float,
-    ) -> LayerStats:
-        """Compress one layer's prompt in place of its full KV; returns what was done."""
-        key, window = inputs.keys, inputs.window
-        b, _, length, _ = key.shape
-        real = inputs.key_valid.sum(-1).tolist() if inputs.key_valid is not None else [length] * b
-        rank = self.full_layers.index(inputs.layer_idx)
-        kept = []
-        for n in real:
-            k = config.kept_tokens(n, window)
-            if k < n:
-                k = min(n, layer_budget(profile, k, window, rank, len(self.full_layers)))
-            kept.append(k)
-        layer.prefilled = True
-        full_bytes = 2 * key.numel() * key.element_size()
-        if kept == real:  # every row fits its budget: the layer stays as it is
-            return LayerStats(inputs.layer_idx, real, kept, full_bytes, full_bytes)
-        n_keep = torch.tensor(kept, device=key.device)
-        if head_budget == "adaptive":
-            ragged = select_adaptive(method.score(inputs), n_keep, window, inputs.key_valid, alpha=alpha)
-            layer.replace_ragged(RaggedLayer.from_selection(key, values, ragged, self.slack))
-            return LayerStats(inputs.layer_idx, real, kept, full_bytes, layer.ragged.kv_bytes())
-        new_k, new_v, sel = method.compress(inputs, values, n_keep)
-        layer.replace(new_k, new_v, sel.pad, sel.indices.to(torch.int32))
-        return LayerStats(inputs.layer_idx, real, kept, full_bytes, 2 * new_k.numel() * new_k.element_size())
+
+_HOOKS: dict[int, _ModelHook] = {}
+_LOCK = threading.RLock()
+
+
+class Lease:
+    """One user's hold on SnapKV's attention function of a model (see :func:`enable`).
+
+    ``release()`` is idempotent and thread-safe; ``with`` releases on exit.
+    """
+
+    def __init__(self, hook: _ModelHook, strict: bool) -> None:
+        self.hook, self.strict = hook, strict
+        self._held = True
+
+    @property
+    def active(self) -> bool:
+        """Whether this lease still holds the function."""
+        return self._held
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The model the function is registered on."""
+        return self.hook.model
+
+    def release(self) -> None:
+        """Give the hold back; the last release restores the model."""
+        with _LOCK:
+            if not self._held:
+                return
+            self._held = False
+            hook = self.hook
+            hook.users -= 1
+            hook.strict_users -= self.strict
+            if hook.users == 0:
+                del _HOOKS[id(hook.model)]
+                hook.uninstall()
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def enable(model: torch.nn.Module, *, strict: bool = False) -> Lease:
+    """Hold SnapKV's attention function on ``model`` (registered by the first holder).
+
+    Raises ``ValueError`` when the model's attention implementation cannot be wrapped or
+    the model does not switch to SnapKV's. ``strict``: while held, forwards without a SnapKV
+    cache raise instead of running the model's own attention (what a session asks).
+    """
+    with _LOCK:
+        hook = _HOOKS.get(id(model))
+        if hook is None or hook.model is not model:
+            hook = _ModelHook(model, model_backend(model))
+            hook.install()
+            _HOOKS[id(model)] = hook
+        hook.users += 1
+        hook.strict_users += strict
+        return Lease(hook, strict)
+
+
+def enabled_models() -> list[torch.nn.Module]:
+    """Models SnapKV's attention function is registered on now (empty when nobody uses SnapKV)."""
+    with _LOCK:
+        return [hook.model for hook in _HOOKS.values()]
+
+
+@functools.cache
+def _legacy_names() -> dict[str, str]:
+    return {"SnapKVSession": "snapkv.integration.session", "LayerStats": "snapkv.cache.compress"}
+
+
+def __getattr__(name: str) -> Any:
+    """Names that moved out of this module (importable from here for one release)."""
+    where = _legacy_names().get(name)
+    if where is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(where), name)

@@ -92,10 +92,10 @@ def _ragged_decode_split(
 
 @triton.jit
 def _ragged_decode_combine(
-    MidO, MidLse, Out,
+    MidO, MidLse, Out, Sinks,
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_outb, stride_outh, NUM_SPLITS,
     HQ: tl.constexpr, D: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = pid // HQ
@@ -111,6 +111,9 @@ def _ragged_decode_combine(
         lse = tl.load(lse_base + offs_s, mask=offs_s < NUM_SPLITS, other=float("-inf"))
         m_vec = tl.maximum(m_vec, lse)
     m = tl.max(m_vec, 0)
+    if HAS_SINKS:  # the sink logit joins the softmax's denominator (it has no value)
+        sink = tl.load(Sinks + hq).to(tl.float32)
+        m = tl.maximum(m, sink)
     m_safe = tl.where(m > float("-inf"), m, 0.0)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     total = tl.zeros([BLOCK_S], dtype=tl.float32)
@@ -124,6 +127,8 @@ def _ragged_decode_combine(
         acc += tl.sum(o * w[:, None], 0)
         total += w
     denom = tl.sum(total, 0)
+    if HAS_SINKS:
+        denom += tl.exp(sink - m_safe)
     out = acc / tl.where(denom > 0.0, denom, 1.0)
     tl.store(Out + b * stride_outb + hq * stride_outh + offs_d, out.to(Out.dtype.element_ty), mask=d_mask)
 
@@ -176,6 +181,7 @@ def ragged_decode_attention(
     max_len: int,
     sm_scale: float,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
     num_splits: int | None = None,
     block_n: int | None = None,
     num_warps: int | None = None,
@@ -192,6 +198,8 @@ def ragged_decode_attention(
         max_len: host upper bound of ``lengths`` (tokens past it are not read); keep it fixed
             (e.g. the cache's capacity) so the launch grid does not change between steps.
         sm_scale: logit scale; softcap: logit soft-cap (``softcap * tanh(x / softcap)``) or None.
+        sinks: ``[Hq]`` attention-sink logits (gpt-oss ``s_aux``), one extra softmax term per
+            query head with no value; or None.
         num_splits: splits of the longest head (default: splits of equal length so that the
             ``work_tokens`` make about two programs per SM, at most :data:`MAX_SPLITS`).
         block_n: keys per inner block (default 64, 32 for head dims above 128).
@@ -204,6 +212,10 @@ def ragged_decode_attention(
         ``[B, Hq, D]`` in ``q``'s dtype; accumulation is fp32.
     """
     _check(q, k, v, starts, lengths)
+    if sinks is not None:
+        if sinks.shape != (q.shape[1],) or sinks.device != q.device:
+            raise ValueError(f"sinks must be [Hq={q.shape[1]}] on {q.device}, got {tuple(sinks.shape)} on {sinks.device}")
+        sinks = sinks.contiguous()
     if max_len < 0:
         raise ValueError(f"max_len must be >= 0, got {max_len}")
     b, hq, d = q.shape
@@ -255,9 +267,10 @@ def _launch(q, k, v, starts, lengths, mid_o, mid_lse, out, sm_scale, softcap, sp
         **launch,
     )
     _ragged_decode_combine[(b * hq,)](
-        mid_o, mid_lse, out,
+        mid_o, mid_lse, out, sinks if sinks is not None else mid_lse,
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         out.stride(0), out.stride(1), num_splits,
         HQ=hq, D=d,
         BLOCK_S=min(32, max(2, triton.next_power_of_2(num_splits))), BLOCK_D=block_d,
+        HAS_SINKS=sinks is not None,
     )

@@ -19,12 +19,15 @@ def dense_masked_attention(
     *,
     scaling: float,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One query token per row against padded per-head keys, in fp32.
 
     Args:
         q: ``[B, Hq, D]``; keys, values: ``[B, Hkv, P, D]``; valid: ``[B, Hkv, P]`` bool.
         scaling: logit scale; softcap: logit soft-cap or None.
+        sinks: ``[Hq]`` attention-sink logits (gpt-oss ``s_aux``): one extra logit per query
+            head in the softmax's denominator, with no value; or None.
 
     Returns:
         ``[B, Hq, D]`` in ``q``'s dtype; a head with no valid key outputs zeros.
@@ -37,7 +40,11 @@ def dense_masked_attention(
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
     logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
-    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # all-masked heads give 0
+    if sinks is not None:  # the sink takes its share of the softmax, then is dropped
+        sink = sinks.float().view(1, hkv, g, 1).expand(b, -1, -1, 1)
+        probs = torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # all-masked heads give 0
     out = torch.einsum("bhgp,bhpd->bhgd", probs, values.float())
     return out.reshape(b, hq, d).to(q.dtype)
 
@@ -51,6 +58,7 @@ def ragged_decode_reference(
     *,
     scaling: float,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Twin of :func:`~snapkv.kernels.decode_ragged.ragged_decode_attention` (same arguments).
 
@@ -64,8 +72,8 @@ def ragged_decode_reference(
     idx = torch.where(valid, idx, torch.zeros_like(idx))
     if k.shape[0] == 0:
         keys = k.new_zeros((*idx.shape, k.shape[-1]))
-        return dense_masked_attention(q, keys, keys, valid, scaling=scaling, softcap=softcap)
-    return dense_masked_attention(q, k[idx], v[idx], valid, scaling=scaling, softcap=softcap)
+        return dense_masked_attention(q, keys, keys, valid, scaling=scaling, softcap=softcap, sinks=sinks)
+    return dense_masked_attention(q, k[idx], v[idx], valid, scaling=scaling, softcap=softcap, sinks=sinks)
 
 
 def ragged_decode(
@@ -78,6 +86,7 @@ def ragged_decode(
     max_len: int,
     scaling: float,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
     use_kernel: bool | None = None,
 ) -> torch.Tensor:
     """Ragged decode attention: the Triton kernel on CUDA, the torch twin elsewhere.
@@ -92,6 +101,6 @@ def ragged_decode(
         from snapkv.kernels.decode_ragged import ragged_decode_attention
 
         return ragged_decode_attention(
-            q, k, v, starts, lengths, max_len=max_len, sm_scale=scaling, softcap=softcap
+            q, k, v, starts, lengths, max_len=max_len, sm_scale=scaling, softcap=softcap, sinks=sinks
         )
-    return ragged_decode_reference(q, k, v, starts, lengths, scaling=scaling, softcap=softcap)
+    return ragged_decode_reference(q, k, v, starts, lengths, scaling=scaling, softcap=softcap, sinks=sinks)

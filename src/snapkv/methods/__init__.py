@@ -1,8 +1,9 @@
-"""Selection methods: each a small dataclass with one ``score()``."""
+"""Selection methods: each a small dataclass with one ``score()``; wrappers take a method."""
 
 from snapkv.methods.base import Method, ScoreInputs
 from snapkv.methods.baselines import H2O, RandomSelect, StreamingLLM
 from snapkv.methods.snapkv import SnapKV
+from snapkv.methods.wrappers import AdaptiveHeads, PyramidBudgets
 
 METHODS: dict[str, type[Method]] = {
     "snapkv": SnapKV,
@@ -11,4 +12,14 @@ METHODS: dict[str, type[Method]] = {
     "h2o": H2O,
 }
 
-__all__ = ["METHODS", "H2O", "Method", "RandomSelect", "ScoreInputs", "SnapKV", "StreamingLLM"]
+__all__ = [
+    "H2O",
+    "METHODS",
+    "AdaptiveHeads",
+    "Method",
+    "PyramidBudgets",
+    "RandomSelect",
+    "ScoreInputs",
+    "SnapKV",
+    "StreamingLLM",
+]

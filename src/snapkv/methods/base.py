@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -35,17 +36,39 @@ class ScoreInputs:
 
 
 class Method(ABC):
-    """Base of every selection method: subclasses write :meth:`score` only."""
+    """Base of every selection method: subclasses write :meth:`score` only.
+
+    A method owns how positions are scored and chosen; the cache that uses it owns the
+    budget (:class:`~snapkv.SnapKVConfig`). Wrappers such as
+    :class:`~snapkv.methods.PyramidBudgets` and :class:`~snapkv.methods.AdaptiveHeads` take a
+    method and change how many tokens each layer keeps or how they are split between heads.
+    """
 
     name: str = "method"
+    #: Slots per KV head kept free for generated tokens when :meth:`select` returns a ragged
+    #: (per-head) selection; None for methods whose heads keep equal counts.
+    slack: int | None = None
 
     @abstractmethod
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
         """``[B, Hkv, L]`` scores; the highest positions of each head are kept."""
 
-    def select(self, inputs: ScoreInputs, n_keep: torch.Tensor) -> Selection:
-        """Top ``n_keep[b]`` positions per row and head, window always, padding never."""
-        scores = self.score(inputs)
+    @property
+    def scorer(self) -> Method:
+        """The method whose :meth:`score` this one uses (itself; a wrapper's inner scorer)."""
+        return self
+
+    def layer_budget(self, kept: int, window: int, rank: int, n_layers: int) -> int:
+        """Tokens the ``rank``-th of ``n_layers`` compressed layers keeps, ``kept`` being the uniform count."""
+        return kept
+
+    def select(self, inputs: ScoreInputs, n_keep: torch.Tensor, scores: torch.Tensor | None = None) -> Any:
+        """Top ``n_keep[b]`` positions per row and head, window always, padding never.
+
+        ``scores`` are this method's (:meth:`score`) when already computed. Returns a
+        :class:`~snapkv.core.selection.Selection` (or a ragged selection for per-head budgets).
+        """
+        scores = self.score(inputs) if scores is None else scores
         return select_topk(scores, n_keep, inputs.window, inputs.key_valid)
 
     def compress(
@@ -53,4 +76,6 @@ class Method(ABC):
     ) -> tuple[torch.Tensor, torch.Tensor, Selection]:
         """Kept keys and values ``[B, Hkv, P, D]`` and the selection behind them."""
         sel = self.select(inputs, n_keep)
+        if not isinstance(sel, Selection):
+            raise TypeError(f"{type(self).__name__} selects per head; compress() returns dense keys only")
         return gather_positions(inputs.keys, sel.indices), gather_positions(values, sel.indices), sel
