@@ -32,7 +32,8 @@ def _case(name: str, b: int, hkv: int, g: int, d: int, max_len: int, **kw: Any) 
     return dict(name=name, B=b, Hkv=hkv, G=g, D=d, max_len=max_len, dtype=kw.get("dtype", "float32"),
                 softcap=kw.get("softcap"), splits=kw.get("splits"), block_n=kw.get("block_n", 16),
                 slack=kw.get("slack", 3), empty=kw.get("empty", False), long_head=kw.get("long_head", False),
-                q_strided=kw.get("q_strided", False), qscale=kw.get("qscale", 1.0), work=kw.get("work"))
+                q_strided=kw.get("q_strided", False), qscale=kw.get("qscale", 1.0), work=kw.get("work"),
+                sinks=kw.get("sinks", False))
 
 
 CASES = [
@@ -45,6 +46,9 @@ CASES = [
     _case("strided_q_fp16_bn32", 2, 2, 4, 48, 130, dtype="float16", q_strided=True, block_n=32),
     # splits sized on a small work hint: many splits of the long head, most of the short ones empty
     _case("long_head_work_hint", 2, 4, 2, 16, 600, long_head=True, work=40),
+    # gpt-oss attention sinks: one extra softmax logit per query head (an empty head outputs zeros)
+    _case("sinks_fp32_splits3", 2, 2, 3, 32, 90, empty=True, splits=3, sinks=True),
+    _case("sinks_bf16", 1, 2, 2, 16, 50, dtype="bfloat16", sinks=True),
 ]
 
 
@@ -65,13 +69,16 @@ def _inputs(case: dict[str, Any], device: str, gen: torch.Generator) -> dict[str
     v = torch.randn(total, d, generator=gen).to(dtype)
     q = (torch.randn(b, hkv * g, 2 * d if case["q_strided"] else d, generator=gen) * case["qscale"]).to(dtype)
     q = q[..., :d]
+    sinks = torch.randn(hkv * g, generator=gen) * 3 if case["sinks"] else None
     move = {"q": q, "k": k, "v": v, "starts": starts, "lengths": lengths}
-    return {n: t.to(device) for n, t in move.items()} | dict(max_len=case["max_len"] + case["slack"])
+    return {n: t.to(device) for n, t in move.items()} | dict(max_len=case["max_len"] + case["slack"],
+                                                             sinks=None if sinks is None else sinks.to(device))
 
 
 def _loop_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor,
-                    lengths: torch.Tensor, scaling: float, softcap: float | None) -> torch.Tensor:
-    """Per (row, query head) softmax attention over its KV head's segment, in float64."""
+                    lengths: torch.Tensor, scaling: float, softcap: float | None,
+                    sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """Per (row, query head) softmax attention over its KV head's segment (plus its sink), in float64."""
     b, hq, d = q.shape
     g = hq // starts.shape[1]
     out = torch.zeros(b, hq, d, dtype=torch.float64)
@@ -83,7 +90,11 @@ def _loop_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: t
             logits = k[s : s + n].double() @ q[r, head].double() * scaling
             if softcap is not None:
                 logits = torch.tanh(logits / softcap) * softcap
-            out[r, head] = torch.softmax(logits, 0) @ v[s : s + n].double()
+            if sinks is not None:  # the sink's exp joins the denominator only
+                z = torch.cat([logits, sinks[head : head + 1].double()])
+                out[r, head] = torch.softmax(z, 0)[:-1] @ v[s : s + n].double()
+            else:
+                out[r, head] = torch.softmax(logits, 0) @ v[s : s + n].double()
     return out
 
 
@@ -102,9 +113,9 @@ def run_case(case: dict[str, Any], device: str, seed: int) -> dict[str, Any]:
     scaling = case["D"] ** -0.5
     out = ragged_decode_attention(x["q"], x["k"], x["v"], x["starts"], x["lengths"], max_len=x["max_len"],
                                   sm_scale=scaling, softcap=case["softcap"], num_splits=case["splits"],
-                                  block_n=case["block_n"], work_tokens=case.get("work"))
+                                  block_n=case["block_n"], work_tokens=case.get("work"), sinks=x["sinks"])
     ref = ragged_decode_reference(x["q"], x["k"], x["v"], x["starts"], x["lengths"], scaling=scaling,
-                                  softcap=case["softcap"])
+                                  softcap=case["softcap"], sinks=x["sinks"])
     r = _compare(out, ref)
     r["empty_is_zero"] = not case["empty"] or bool((out[0, : case["G"]] == 0).all())
     return r
@@ -196,8 +207,8 @@ def test_twin_matches_loop(case: dict[str, Any]) -> None:
     x = _inputs(case, "cpu", torch.Generator().manual_seed(1))
     scaling = case["D"] ** -0.5
     args = (x["q"], x["k"], x["v"], x["starts"], x["lengths"])
-    out = ragged_decode_reference(*args, scaling=scaling, softcap=case["softcap"])
-    ref = _loop_reference(*args, scaling, case["softcap"])
+    out = ragged_decode_reference(*args, scaling=scaling, softcap=case["softcap"], sinks=x["sinks"])
+    ref = _loop_reference(*args, scaling, case["softcap"], x["sinks"])
     assert _compare(out, ref)["max_rel"] <= TOL[case["dtype"]]
 
 

@@ -54,21 +54,48 @@ class Answer:
         return 1000.0 * self.decode_s / max(1, len(self.tokens) - 1)
 
 
+_SENTINEL = "\u2063snapkv-question\u2063"
+
+
+def _chat_text(tokenizer: Any, content: str) -> str:
+    return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
 def split_prompt(tokenizer: Any, context: str, question: str, chat: bool | None = None) -> tuple[list[int], list[int]]:
-    """Token ids of the prompt up to the question, and of the question with any chat suffix."""
+    """Token ids of the prompt up to the question, and of the question with any chat suffix.
+
+    The prompt is ``context``, a blank line, then ``question`` (its leading whitespace
+    dropped), in the tokenizer's chat template when ``chat`` (default: when it has one). It
+    is tokenized once and split at the question's first character, so the two lists joined
+    are exactly the prompt's tokenization. ``ValueError`` for an empty question or one the
+    chat template does not reproduce.
+    """
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError(f"question must be a non-empty text, got {question!r}")
     if chat is None:
         chat = getattr(tokenizer, "chat_template", None) is not None
+    question = question.lstrip()
     joined = f"{context}\n\n{question}"
     if chat:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": joined}], tokenize=False,
-                                             add_generation_prompt=True)
+        text = _chat_text(tokenizer, joined)
+        probe = _chat_text(tokenizer, f"{context}\n\n{_SENTINEL}")
+        if _SENTINEL not in probe:
+            raise ValueError("the chat template changes the message text; cannot tell where the question starts")
+        end = len(text) - (len(probe) - probe.rindex(_SENTINEL) - len(_SENTINEL))  # the template's suffix follows
+        cut = text.rfind(question, 0, end)
+        if cut < 0:
+            cut = text.rfind(question.rstrip(), 0, end)
+        if cut < 0:
+            raise ValueError("the chat template changes the question's text; cannot tell where it starts")
     else:
-        text = joined
-    cut = text.rindex(question)
+        text, cut = joined, len(joined) - len(question)
     enc = tokenizer(text, add_special_tokens=not chat, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    first_q = next(i for i, (start, end) in enumerate(offsets) if end > cut)
-    return list(ids[:first_q]), list(ids[first_q:])
+    ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+    first_q = next((i for i, (_, end) in enumerate(offsets) if end > cut), len(ids))
+    if first_q == len(ids):
+        raise ValueError("the question produced no tokens")
+    return ids[:first_q], ids[first_q:]
 
 
 def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
@@ -193,6 +220,7 @@ class ContextCache:
         self.session.__enter__()
         try:
             ctx_ids, _ = split_prompt(self.tokenizer, self.context, "?", self.chat)
+            self._ctx_ids = ctx_ids
             self.context_tokens = len(ctx_ids)
             probe_ids = self._probe_ids(len(ctx_ids))
             self.cache = self.session.new_cache()
@@ -236,7 +264,12 @@ class ContextCache:
         """Answer one question against the compressed context, then roll the cache back."""
         if self._snap is None:
             raise RuntimeError("use ContextCache inside a `with` block")
-        _, q_ids = split_prompt(self.tokenizer, self.context, question, self.chat)
+        ctx_ids, q_ids = split_prompt(self.tokenizer, self.context, question, self.chat)
+        if ctx_ids != self._ctx_ids:  # the cached context must be a prefix of the prompt's own tokenization
+            raise ValueError(
+                f"question {question[:40]!r} changes how the context's last tokens are tokenized, so the "
+                "compressed context is not a prefix of this prompt's tokens; start the question with a letter"
+            )
         eos = _eos_ids(self.model, self.tokenizer)
         try:
             tokens, pre, dec = _greedy(self.model, self.session, self.cache, q_ids, self.context_tokens,

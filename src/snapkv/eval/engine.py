@@ -24,7 +24,7 @@ from snapkv.cache.compressed import CompressedLayer, SnapKVCache
 from snapkv.config import SnapKVConfig
 from snapkv.eval.methods import METHODS, PROBE_TEXT
 from snapkv.eval.tasks import Codec, Sample
-from snapkv.integration.session import SnapKVSession
+from snapkv.integration.session import SnapKVSession, wrap_method
 from snapkv.methods import Method
 
 
@@ -73,7 +73,6 @@ class Prefill:
                     **session.cache_kwargs(self.cache))
         self.seconds = time.perf_counter() - t0
         self.logits = out.logits[:, -1].float()
-        self.captured = dict(session.captured)
         self.snap = self.cache.snapshot()
         self.length = len(ids)
         self.methods: dict[str, Method] = {}  # one instance per scorer (derive() memoizes by instance)
@@ -97,14 +96,9 @@ def _derive(
         budget = math.ceil(budget * (length - extra))
     if extra:
         budget += extra
-    saved = session.captured
-    session.captured = pre.captured
-    try:
-        config = SnapKVConfig(budget=budget, window=window)
-        return session.derive(pre.cache, method=pre.methods[m.scorer], config=config, layer_profile=m.profile,
-                              window=window, head_budget=m.head_budget, prefix=prefix)
-    finally:
-        session.captured = saved
+    config = SnapKVConfig(budget=budget, window=window)
+    method = wrap_method(pre.methods[m.scorer], m.profile, m.head_budget)
+    return session.derive(pre.cache, method=method, config=config, window=window, prefix=prefix)
 
 
 def _cut_tail(cache: SnapKVCache, n: int, sliding_from: SnapKVCache | None) -> None:

@@ -81,7 +81,7 @@ def sample_hit_rates(model: torch.nn.Module, codec: Codec, ids: Sequence[int], w
         model(input_ids=torch.tensor([full], device=device), **s.cache_kwargs(cache))
         rates = []
         for layer in sorted(s.captured):
-            inputs, _ = s.captured[layer]
+            inputs = s.captured[layer].inputs
             rates.append(layer_hit_rate(inputs.queries, inputs.keys, len(ids), window, scaling=inputs.scaling,
                                         softcap=inputs.softcap, **kw))
         return rates

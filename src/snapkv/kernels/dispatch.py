@@ -1,6 +1,8 @@
 """Pick the Triton kernel or its torch twin for the window votes.
 
 The kernel runs when the keys are on CUDA and Triton imports; elsewhere the torch twin runs.
+CUDA keys with a Triton that cannot be imported (missing or broken install) take the twin
+with a warning, once per process, that names the import error.
 ``SNAPKV_FORCE_TRITON=1`` forces the kernel (CPU tensors then need ``TRITON_INTERPRET=1``, set
 before Triton is first imported); ``SNAPKV_FORCE_TRITON=0`` forces the twin. Importing this
 module never imports Triton.
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from types import ModuleType
 
 import torch
@@ -19,14 +22,28 @@ from snapkv.kernels.ref import reduced_window_votes_ref
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+_IMPORT_ERROR: list[BaseException] = []
+
+
 @functools.cache
 def _score_module() -> ModuleType | None:
-    """The kernel module, or None when Triton cannot be imported."""
+    """The kernel module, or None when Triton cannot be imported (the error is kept for the warning)."""
     try:
         from snapkv.kernels import score
-    except Exception:  # no triton, or a broken install: the twin still works
+    except Exception as exc:  # no triton, or a broken install: the twin still works, with a warning on CUDA
+        _IMPORT_ERROR.append(exc)
         return None
     return score
+
+
+@functools.cache
+def _warn_no_kernel() -> None:
+    """Say once that CUDA scoring takes the (slower) torch twin, and why."""
+    err = _IMPORT_ERROR[0] if _IMPORT_ERROR else None
+    warnings.warn(
+        f"SnapKV's Triton scoring kernel cannot be imported ({type(err).__name__}: {err}); CUDA scoring "
+        "takes the torch twin, which is slower. Install or repair triton, or set SNAPKV_FORCE_TRITON=0 "
+        "to choose the twin without this warning.", RuntimeWarning, stacklevel=4)
 
 
 def triton_available() -> bool:
@@ -42,14 +59,17 @@ def _use_kernel(q_win: torch.Tensor, keys: torch.Tensor) -> bool:
         if not triton_available():
             raise ImportError("SNAPKV_FORCE_TRITON=1 but triton (or snapkv.kernels.score) cannot be imported")
         return True
-    return (
+    suitable = (
         keys.is_cuda
         and q_win.device == keys.device
         and q_win.dtype in _KERNEL_DTYPES
         and keys.dtype in _KERNEL_DTYPES
         and keys.shape[-1] <= 512
-        and triton_available()
     )
+    if suitable and not triton_available():
+        _warn_no_kernel()
+        return False
+    return suitable
 
 
 def reduced_window_votes(
