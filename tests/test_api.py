@@ -135,3 +135,35 @@ def test_context_cache_probe_bad_input():
         ContextCache(tiny_model("llama"), None, "text", probe="")
     with pytest.raises(ValueError, match="probe must be"):
         ContextCache(tiny_model("llama"), None, "text", probe=3)
+
+
+def test_split_prompt_finds_the_question_before_the_chat_suffix(smollm2):
+    _, tok = smollm2
+    ctx, q = split_prompt(tok, "Some document text.", "assistant", chat=True)
+    assert tok.decode(q) == "assistant<|im_end|>\n<|im_start|>assistant\n"  # the question, then the suffix
+    text = tok.apply_chat_template([{"role": "user", "content": "Some document text.\n\nassistant"}],
+                                   tokenize=False, add_generation_prompt=True)
+    assert ctx + q == tok(text, add_special_tokens=False)["input_ids"]  # one tokenization, split
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_split_prompt_context_ids_do_not_depend_on_the_question(smollm2, chat):
+    _, tok = smollm2
+    doc = "The passkey is 12345. Remember it."
+    base, _ = split_prompt(tok, doc, "?", chat=chat)
+    for question in ["What is the passkey?", " What is it?", "\nWhat is it?", "\t\n  Why?"]:
+        ctx, q = split_prompt(tok, doc, question, chat=chat)
+        assert ctx == base, repr(question)
+        assert tok.decode(q).startswith(question.strip())
+    for empty in ["", "  \n"]:
+        with pytest.raises(ValueError, match="question must be a non-empty text"):
+            split_prompt(tok, doc, empty, chat=chat)
+
+
+def test_context_cache_asks_with_canonical_ids(smollm2):
+    model, tok = smollm2
+    ctx = passkey_context(tok, 300, 0.5, 27182)
+    with ContextCache(model, tok, ctx, SnapKVConfig(budget=128), chat=True) as doc:
+        plain = doc.ask("What is the passkey?", max_new_tokens=3)
+        spaced = doc.ask("\n What is the passkey?", max_new_tokens=3)
+    assert plain.tokens == spaced.tokens and plain.prompt_tokens == spaced.prompt_tokens

@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
+from snapkv.cache.compress import LayerStats
 from snapkv.cache.compressed import SnapKVCache, Snapshot
 from snapkv.config import SnapKVConfig
-from snapkv.cache.compress import LayerStats
 from snapkv.integration.session import SnapKVSession
 
 MODES: tuple[str, ...] = ("query_aware", "context_only")

@@ -214,7 +214,8 @@ def ragged_decode_attention(
     _check(q, k, v, starts, lengths)
     if sinks is not None:
         if sinks.shape != (q.shape[1],) or sinks.device != q.device:
-            raise ValueError(f"sinks must be [Hq={q.shape[1]}] on {q.device}, got {tuple(sinks.shape)} on {sinks.device}")
+            raise ValueError(f"sinks must be [Hq={q.shape[1]}] on {q.device}, "
+                             f"got {tuple(sinks.shape)} on {sinks.device}")
         sinks = sinks.contiguous()
     if max_len < 0:
         raise ValueError(f"max_len must be >= 0, got {max_len}")
