@@ -138,9 +138,14 @@ def test_bad_arguments_raise_before_any_model_change():
 # -- item 1: a model whose attention cannot be switched ----------------------------------------------
 
 
-def test_model_that_ignores_set_attn_implementation_raises(monkeypatch):
+@pytest.mark.parametrize("how", ["legacy_class", "noop_switch"])
+def test_model_that_ignores_set_attn_implementation_raises(monkeypatch, how):
+    """transformers only logs a warning when a (legacy, remote-code) model cannot switch: SnapKV raises."""
     model = tiny_model("llama")
-    monkeypatch.setattr(tf.LlamaForCausalLM, "_can_set_attn_implementation_cached_value", False, raising=False)
+    if how == "legacy_class":
+        monkeypatch.setattr(tf.LlamaForCausalLM, "_can_set_attn_implementation", classmethod(lambda cls: False))
+    else:
+        monkeypatch.setattr(model, "set_attn_implementation", lambda *args, **kwargs: None)
     with pytest.raises(ValueError, match="did not switch"):
         SnapKVCache(model, SnapKVConfig(budget=12, window=4))
     with pytest.raises(ValueError, match="did not switch"):
