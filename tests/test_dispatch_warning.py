@@ -29,7 +29,7 @@ def broken_triton(monkeypatch):
 
 def test_cuda_scoring_without_triton_warns_once(broken_triton):
     cuda = SimpleNamespace(is_cuda=True, device="cuda:0", dtype=torch.float16, shape=(1, 2, 64, 64))
-    with pytest.warns(RuntimeWarning, match="Triton scoring kernel cannot be imported \(ModuleNotFoundError"):
+    with pytest.warns(RuntimeWarning, match=r"Triton scoring kernel cannot be imported \(ModuleNotFoundError"):
         assert dispatch._use_kernel(cuda, cuda) is False
     with warnings.catch_warnings():
         warnings.simplefilter("error")
