@@ -159,8 +159,13 @@ def _take_route(layer_idx: int, key: torch.Tensor) -> Any:
         return None
     _ROUTE.set(None)
     cache = route.cache()
-    if cache is None or route.layer_idx != layer_idx or route.key() is not key:
+    if cache is None or route.layer_idx != layer_idx:  # a mark left by an interrupted forward
         return None
+    if route.key() is not key:
+        raise RuntimeError(
+            f"layer {layer_idx}'s attention received other keys than its SnapKV cache returned (the model "
+            "transforms the cached keys before attention); SnapKV cannot compress this model"
+        )
     return cache
 
 
