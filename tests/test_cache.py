@@ -14,6 +14,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 import snapkv
 from snapkv import (
+    H2O,
     AdaptiveHeads,
     PyramidBudgets,
     SnapKV,
@@ -277,9 +278,11 @@ def test_public_names():
 # -- item 4: right-padded batches ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "eager"])
-def test_right_padded_batch_equals_rows_alone(impl):
+@pytest.mark.parametrize("impl, method", [("sdpa", None), ("eager", None), ("sdpa", "adaptive"), ("sdpa", "h2o")])
+def test_right_padded_batch_equals_rows_alone(impl, method):
+    """The window is each row's last real tokens: a right-padded row keeps what it keeps alone."""
     model = tiny_model("llama", impl)
+    method = {None: None, "adaptive": AdaptiveHeads(SnapKV(), alpha=0.5, slack=4), "h2o": H2O()}[method]
     lengths = [60, 40, 33]
     gen = torch.Generator().manual_seed(10)
     ids = torch.randint(3, 256, (3, 60), generator=gen)
@@ -288,7 +291,7 @@ def test_right_padded_batch_equals_rows_alone(impl):
         ids[row, n:], mask[row, n:] = 0, 0
     cfg = SnapKVConfig(budget=16, window=4)
     tokens = torch.randint(3, 256, (3, 3))
-    with SnapKVCache(model, cfg) as cache:
+    with SnapKVCache(model, cfg, method) as cache:
         logits = model(input_ids=ids, attention_mask=mask, **_kw(model, cache)).logits
         steps = []
         for t in range(3):
@@ -296,12 +299,13 @@ def test_right_padded_batch_equals_rows_alone(impl):
             pos = torch.tensor(lengths)[:, None] + t
             steps.append(model(input_ids=tokens[:, t : t + 1], attention_mask=mask, position_ids=pos,
                                **_kw(model, cache)).logits)
-        positions = [layer.positions.clone() for layer in cache.layers]
+        positions = [layer.positions for layer in cache.layers]
     for row, n in enumerate(lengths):
-        with SnapKVCache(model, cfg) as alone:
+        with SnapKVCache(model, cfg, method) as alone:
             want = _run(model, alone, ids[row : row + 1, :n], torch.ones(1, n, dtype=torch.long), tokens[row : row + 1])
             for layer, pos in zip(alone.layers, positions, strict=True):
-                assert torch.equal(pos[row], layer.positions[0]), f"row {row}"  # the same kept positions
+                if pos is not None:  # dense layers record the kept positions (ragged ones do not)
+                    assert torch.equal(pos[row], layer.positions[0]), f"row {row}"
         got = torch.cat([logits[row : row + 1, n - 1 : n]] + [s[row : row + 1] for s in steps], 1)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m, row=row: f"row {row}: {m}")
 
@@ -367,3 +371,31 @@ def test_capture_is_dropped_when_the_session_ends_or_the_cache_closes():
     del derived
     gc.collect()
     _assert_no_state(model)
+
+
+def test_derive_from_a_right_padded_capture_equals_direct_compression():
+    model = tiny_model("llama")
+    ids = torch.randint(3, 256, (2, 50), generator=torch.Generator().manual_seed(14))
+    mask = torch.ones_like(ids)
+    ids[1, 35:], mask[1, 35:] = 0, 0
+    tokens = torch.randint(3, 256, (2, 3))
+    cfg = SnapKVConfig(budget=14, window=4)
+
+    def decode(cache):
+        m, out = mask, []
+        for t in range(3):
+            m = torch.cat([m, torch.ones(2, 1, dtype=m.dtype)], 1)
+            pos = torch.tensor([[50 + t], [35 + t]])
+            out.append(model(input_ids=tokens[:, t : t + 1], attention_mask=m, position_ids=pos,
+                             **_kw(model, cache)).logits)
+        return torch.cat(out, 1)
+
+    with SnapKVCache(model, cfg) as direct:
+        model(input_ids=ids, attention_mask=mask, **_kw(model, direct))
+        want = decode(direct)
+    with SnapKVCache(model, SnapKVConfig(budget=40, window=4), capture=True) as source:
+        model(input_ids=ids, attention_mask=mask, **_kw(model, source))
+        with pytest.raises(ValueError, match="right-padded"):
+            source.derive(prefix=30)
+        with source.derive(config=cfg) as derived:
+            torch.testing.assert_close(decode(derived), want, rtol=0, atol=0)
