@@ -399,3 +399,25 @@ def test_derive_from_a_right_padded_capture_equals_direct_compression():
             source.derive(prefix=30)
         with source.derive(config=cfg) as derived:
             torch.testing.assert_close(decode(derived), want, rtol=0, atol=0)
+
+
+# -- item 3: gpt-oss attention sinks in the head-adaptive (ragged) path ---------------------------------
+
+
+@pytest.mark.parametrize("sink", [0.0, 3.0])
+def test_gptoss_sinks_in_the_ragged_path(sink):
+    cfg = tf.GptOssConfig(vocab_size=256, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                          num_experts_per_tok=2, sliding_window=16, max_position_embeddings=512,
+                          layer_types=["sliding_attention", "full_attention"], initializer_range=0.2, pad_token_id=0)
+    torch.manual_seed(0)
+    model = tf.GptOssForCausalLM._from_config(cfg, attn_implementation="eager", dtype=torch.float32).eval()
+    for layer in model.model.layers:
+        layer.self_attn.sinks.fill_(sink)
+    ids, mask = left_padded([60], seed=15)
+    tokens = torch.randint(3, 256, (1, 4))
+    config = SnapKVConfig(budget=24, window=4)
+    dense = _alone(model, config, ids, mask, tokens)
+    ragged = _alone(model, config, ids, mask, tokens, AdaptiveHeads(SnapKV(), alpha=1.0, slack=8))
+    torch.testing.assert_close(ragged, dense, rtol=1e-5, atol=1e-5)  # alpha=1 keeps what uniform SnapKV keeps
+    _assert_no_state(model, "eager")
