@@ -249,12 +249,12 @@ def ragged_decode_attention(
     interp = os.environ.get("TRITON_INTERPRET") == "1"
     with on_device(q.device):
         _launch(q, k, v, starts, lengths, mid_o, mid_lse, out, sm_scale, softcap, split, hkv, g, d, block_n, block_d,
-                interp, num_splits, launch)
+                interp, num_splits, launch, sinks)
     return out
 
 
 def _launch(q, k, v, starts, lengths, mid_o, mid_lse, out, sm_scale, softcap, split, hkv, g, d, block_n, block_d,
-            interp, num_splits, launch) -> None:
+            interp, num_splits, launch, sinks) -> None:
     b, hq = q.shape[0], q.shape[1]
     _ragged_decode_split[(b * hkv, num_splits)](
         q, k, v, starts, lengths, mid_o, mid_lse,
