@@ -215,9 +215,14 @@ def test_eight_threads_on_one_model_each_equal_to_its_run_alone():
     def work(i: int) -> None:
         try:
             (ids, mask), cfg = jobs[i]
-            with torch.no_grad(), SnapKVCache(model, cfg) as cache:
-                barrier.wait()
-                results[i] = greedy_generate(model, ids, mask, 4, **_kw(model, cache))
+            if i % 2:  # half the threads use their own cache, half a session of their own
+                with torch.no_grad(), SnapKVCache(model, cfg) as cache:
+                    barrier.wait()
+                    results[i] = greedy_generate(model, ids, mask, 4, **_kw(model, cache))
+            else:
+                with torch.no_grad(), SnapKVSession(model, cfg) as session:
+                    barrier.wait()
+                    results[i] = greedy_generate(model, ids, mask, 4, **session.cache_kwargs(session.new_cache()))
         except BaseException as exc:  # reported below
             errors.append(exc)
 

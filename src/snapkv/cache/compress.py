@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from snapkv.cache.layer import CompressedLayer
 from snapkv.cache.ragged import RaggedLayer
 from snapkv.config import SnapKVConfig
 from snapkv.core.adaptive import RaggedSelection
@@ -103,7 +104,7 @@ def real_lengths(inputs: ScoreInputs) -> list[int]:
 
 
 def compress_layer(
-    layer: Any,
+    layer: CompressedLayer,
     inputs: ScoreInputs,
     values: torch.Tensor,
     method: Method,

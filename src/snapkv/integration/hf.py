@@ -21,7 +21,6 @@ inside a session such a forward is a mistake (the session's cache was not passed
 
 from __future__ import annotations
 
-import functools
 import inspect
 import itertools
 import sys
@@ -307,16 +306,14 @@ def enabled_models() -> list[torch.nn.Module]:
         return [hook.model for hook in _HOOKS.values()]
 
 
-@functools.cache
-def _legacy_names() -> dict[str, str]:
-    return {"SnapKVSession": "snapkv.integration.session", "LayerStats": "snapkv.cache.compress"}
+#: Names that moved out of this module, and where they live now.
+_MOVED = {"SnapKVSession": "snapkv.integration.session", "LayerStats": "snapkv.cache.compress"}
 
 
 def __getattr__(name: str) -> Any:
     """Names that moved out of this module (importable from here for one release)."""
-    where = _legacy_names().get(name)
-    if where is None:
+    if name not in _MOVED:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     import importlib
 
-    return getattr(importlib.import_module(where), name)
+    return getattr(importlib.import_module(_MOVED[name]), name)
