@@ -472,3 +472,26 @@ def test_drop_tail_forgets_the_last_prompt_tokens():
         _decode(model, cache, torch.randint(3, 256, (2, 1)), mask)  # one token appended
         with pytest.raises(RuntimeError, match="nothing appended"):
             cache.layers[0].drop_tail(2)
+
+
+def test_two_caches_of_one_session_alternate_and_keep_their_own_stats():
+    model = tiny_model("llama")
+    (a_ids, a_mask), (b_ids, b_mask) = left_padded([50], seed=22), left_padded([44], seed=23)
+    tokens = torch.randint(3, 256, (1, 3))
+    cfg = SnapKVConfig(budget=16, window=4)
+    want_a = _compressed(model, cfg, a_ids, a_mask, tokens)
+    want_b = _compressed(model, cfg, b_ids, b_mask, tokens)
+    with SnapKVSession(model, cfg) as session:
+        a, b = session.new_cache(), session.new_cache()
+        model(input_ids=a_ids, attention_mask=a_mask, **session.cache_kwargs(a))
+        model(input_ids=b_ids, attention_mask=b_mask, **session.cache_kwargs(b))
+        got_a, got_b = [], []
+        for t in range(3):  # one token each, in turn
+            a_mask = torch.cat([a_mask, torch.ones(1, 1, dtype=a_mask.dtype)], 1)
+            got_a.append(model(input_ids=tokens[:, t : t + 1], attention_mask=a_mask, **session.cache_kwargs(a)).logits)
+            b_mask = torch.cat([b_mask, torch.ones(1, 1, dtype=b_mask.dtype)], 1)
+            got_b.append(model(input_ids=tokens[:, t : t + 1], attention_mask=b_mask, **session.cache_kwargs(b)).logits)
+        assert [s.prompt_tokens for s in a.stats] == [[50]] * 2 and [s.prompt_tokens for s in b.stats] == [[44]] * 2
+        assert session.stats is b.stats  # the session reports its latest cache's
+    torch.testing.assert_close(torch.cat(got_a, 1), want_a, rtol=0, atol=0)
+    torch.testing.assert_close(torch.cat(got_b, 1), want_b, rtol=0, atol=0)
