@@ -167,3 +167,32 @@ def test_context_cache_asks_with_canonical_ids(smollm2):
         plain = doc.ask("What is the passkey?", max_new_tokens=3)
         spaced = doc.ask("\n What is the passkey?", max_new_tokens=3)
     assert plain.tokens == spaced.tokens and plain.prompt_tokens == spaced.prompt_tokens
+
+
+class _CharTokenizer:
+    """One token per character, except that a newline followed by ``!`` is one token."""
+
+    chat_template = None
+    eos_token_id = None
+
+    def __call__(self, text, add_special_tokens=True, return_offsets_mapping=False):
+        ids, offsets, i = [], [], 0
+        while i < len(text):
+            n = 2 if text[i : i + 2] == "\n!" else 1
+            ids.append(3 + sum(map(ord, text[i : i + n])) % 250)
+            offsets.append((i, i + n))
+            i += n
+        return {"input_ids": ids, "offset_mapping": offsets}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(97 + t % 26) for t in ids)
+
+
+def test_context_cache_refuses_a_question_that_retokenizes_the_context():
+    model, tok = tiny_model("llama"), _CharTokenizer()
+    context = "abcdefghij" * 6
+    with ContextCache(model, tok, context, SnapKVConfig(budget=20, window=4), chat=False) as doc:
+        assert len(doc.ask("what?", max_new_tokens=2).tokens) == 2
+        with pytest.raises(ValueError, match="changes how the context's last tokens are tokenized"):
+            doc.ask("!what?", max_new_tokens=2)  # "\n!" would merge the context's last newline into the question
+        assert len(doc.ask("what?", max_new_tokens=2).tokens) == 2
