@@ -274,8 +274,9 @@ def test_legacy_cache_constructor_warns_and_refuses_to_run_unbound():
 def test_public_names():
     for name in snapkv.__all__:
         assert getattr(snapkv, name) is not None
-    from snapkv.integration.hf import LayerStats  # moved names still import
-    from snapkv.integration.hf import SnapKVSession as Legacy
+    with pytest.warns(DeprecationWarning, match="deprecated"):  # moved names still import, with a warning
+        from snapkv.integration.hf import LayerStats
+        from snapkv.integration.hf import SnapKVSession as Legacy
 
     assert Legacy is SnapKVSession and LayerStats is snapkv.LayerStats
 

@@ -315,5 +315,8 @@ def __getattr__(name: str) -> Any:
     if name not in _MOVED:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     import importlib
+    import warnings
 
+    warnings.warn(f"import {name} from snapkv (or {_MOVED[name]}); snapkv.integration.hf.{name} is deprecated",
+                  DeprecationWarning, stacklevel=2)
     return getattr(importlib.import_module(_MOVED[name]), name)
