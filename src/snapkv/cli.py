@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_cmd_generate)
 
     for name, module, text in (("eval", "snapkv.eval.runner", "offline long-context evaluation suite"),
-                               ("bench", "snapkv.bench.runner", "speed and memory benchmark")):
+                               ("bench", "snapkv.bench.runner", "speed and memory benchmark"),
+                               ("serve", "snapkv.serve.cli", "OpenAI-compatible server over compressed caches")):
         try:
             mod = __import__(module, fromlist=["add_arguments", "run"])
         except ImportError:
