@@ -168,10 +168,13 @@ class Server:
                            f"has {context} context tokens of {len(ids)}", param="snapkv.doc_cache")
         context = context if use_doc else 0
         n, lim = len(ids), self.limits
+        where = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
+        if n >= lim.max_context:
+            raise APIError(400, f"prompt of {n} tokens exceeds the model's context of {lim.max_context} tokens "
+                           "(less one token to generate)", param=where, code="context_length_exceeded")
         if n > lim.max_prompt_tokens:
-            raise APIError(400, f"prompt of {n} tokens exceeds the {lim.max_prompt_tokens} tokens this server can "
-                           "prefill (memory)", param="messages" if isinstance(body, ChatCompletionRequest)
-                           else "prompt", code="context_length_exceeded")
+            raise APIError(400, f"prompt of {n} tokens exceeds the {lim.max_prompt_tokens} tokens this server's "
+                           "free device memory can prefill", param=where, code="context_length_exceeded")
         try:
             slots = self.backend.row_slots(n, config, context)
         except ValueError as err:
@@ -179,10 +182,10 @@ class Server:
         room = min(self.backend.slot_tokens - slots, lim.max_context - n)
         max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
         param = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
-        if n >= lim.max_context or room < 1:
-            raise APIError(400, f"prompt of {n} tokens leaves no room to generate: the model's context is "
-                           f"{lim.max_context} tokens and a row holds {self.backend.slot_tokens} (kept prompt "
-                           f"{slots} + max_tokens)", param=param, code="context_length_exceeded")
+        if room < 1:
+            raise APIError(400, f"the prompt keeps {slots} tokens, which leaves no room to generate in a row of "
+                           f"{self.backend.slot_tokens} slots (--slot-tokens); lower snapkv.budget", param=param,
+                           code="context_length_exceeded")
         if max_tokens is None:
             max_tokens = min(lim.default_max_tokens, room)
         elif n + max_tokens > lim.max_context:

@@ -1,0 +1,169 @@
+"""The server's parts without HTTP: slot cache, scheduler, document-cache prefill, LRU, text stream."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from snapkv.config import SnapKVConfig
+from snapkv.generation import Engine
+from snapkv.generation.adapter import DecoderParts
+from snapkv.generation.prefill import prefill
+from snapkv.generation.static_cache import StaticKVCache
+from snapkv.serve.backend import PrefillJob
+from snapkv.serve.batcher import EngineBackend
+from snapkv.serve.doc_cache import DocCache, DocEntry
+from snapkv.serve.extend import compress_context, extend, method_for
+from snapkv.serve.sampling import SamplingParams, top_p_filter
+from snapkv.serve.scheduler import Request, Scheduler
+from snapkv.serve.textstream import TextStream
+from tiny_models import tiny_model
+
+CFG = SnapKVConfig(budget=40, window=8, kernel=5, pooling="avg")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _prompt(n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 256, (n,), generator=g).tolist()
+
+
+def _alone(model, ids: list[int], steps: int, config=CFG) -> list[int]:
+    out = Engine(model, config, prefill_chunk=32).generate(torch.tensor([ids]), max_new_tokens=steps)
+    return out.tokens[0].tolist()
+
+
+class _Collector:
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.done = threading.Event()
+        self.result = None
+
+    def __call__(self, kind, payload) -> None:
+        if kind == "token":
+            self.tokens.append(payload)
+        elif kind in ("done", "error"):
+            self.result = (kind, payload)
+            self.done.set()
+
+
+def _backend(model, rows=2, slot_tokens=64, doc_bytes=0):
+    return EngineBackend(model, rows=rows, slot_tokens=slot_tokens, doc_cache=DocCache(doc_bytes),
+                         probe=[5, 6, 7, 8, 9, 10, 11, 12, 13], prefill_chunk=32)
+
+
+def test_rows_join_and_leave_and_match_engine_alone():
+    """Five requests through two rows: each joins when a row frees, and decodes as it would alone."""
+    model = tiny_model("llama")
+    backend = _backend(model)
+    sched = Scheduler(backend, max_queue=8)
+    sched.start()
+    try:
+        jobs = [(_prompt(n, s), steps) for s, (n, steps) in enumerate([(100, 6), (30, 3), (70, 9), (12, 4), (55, 5)])]
+        sinks = []
+        for ids, steps in jobs:
+            sink = _Collector()
+            sched.submit(Request(PrefillJob(ids, CFG), SamplingParams(max_tokens=steps, temperature=0.0), sink))
+            sinks.append(sink)
+        for sink in sinks:
+            assert sink.done.wait(60)
+        for (ids, steps), sink in zip(jobs, sinks, strict=True):
+            assert sink.result[0] == "done" and sink.result[1].finish_reason == "length"
+            assert sink.tokens == _alone(model, ids, steps)
+        stats = sched.stats()
+        assert stats["busy_rows"] == 0 and stats["kv_bytes_held"] == 0 and stats["queued"] == 0
+        assert not any(backend.slots.busy) and int(backend.slots.active.sum()) == 0
+    finally:
+        sched.stop()
+
+
+def test_cancel_frees_the_row():
+    model = tiny_model("llama")
+    backend = _backend(model, rows=1, slot_tokens=200)
+    sched = Scheduler(backend, max_queue=4)
+    sched.start()
+    try:
+        sink = _Collector()
+        req = Request(PrefillJob(_prompt(20, 1), CFG), SamplingParams(max_tokens=150, temperature=0.0), sink)
+        sched.submit(req)
+        while len(sink.tokens) < 3:
+            threading.Event().wait(0.01)
+        sched.cancel(req)
+        assert sink.done.wait(10) and sink.result[1].finish_reason == "cancelled"
+        assert sched.stats()["busy_rows"] == 0 and not any(backend.slots.busy)
+    finally:
+        sched.stop()
+
+
+def test_extend_after_whole_context_equals_plain_prefill():
+    """Context kept whole + question fed after it == one prefill of the whole prompt (no compression)."""
+    model = tiny_model("llama")
+    parts = DecoderParts.from_model(model)
+    ids = _prompt(60, 3)
+    big = SnapKVConfig(budget=500, window=8)
+    entry = compress_context(parts, ids[:45], [5, 6, 7], big, chunk=16)
+    assert entry.context_tokens == 45 and entry.kept_tokens == 45
+    cache, logits = extend(parts, entry, ids[45:])
+    ref = StaticKVCache(parts.num_layers, 1, parts.num_kv_heads, parts.head_dim, 60, 1, dtype=parts.dtype,
+                        device=parts.device)
+    ref_logits, _ = prefill(parts, [torch.tensor(ids)], ref, config=None, method=method_for(big))
+    torch.testing.assert_close(logits, ref_logits[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(cache.keys, ref.keys, atol=1e-5, rtol=1e-5)
+    assert cache.prompt_lengths == [60]
+
+
+def test_compressed_context_keeps_budget_without_probe():
+    model = tiny_model("llama")
+    parts = DecoderParts.from_model(model)
+    probe = [5, 6, 7, 8, 9, 10, 11, 12, 13]
+    entry = compress_context(parts, _prompt(120, 4), probe, SnapKVConfig(budget=40, window=8), chunk=32)
+    assert all(k.shape[-2] == 40 for k in entry.keys)  # the budget of context tokens, the probe cut
+    cache, logits = extend(parts, entry, _prompt(5, 5))
+    assert cache.prompt_slots == 45 and cache.prompt_lengths == [125] and torch.isfinite(logits).all()
+
+
+def test_doc_cache_lru_by_bytes():
+    def entry(n: int) -> DocEntry:
+        return DocEntry((torch.zeros(1, n, 4),), (torch.zeros(1, n, 4),), n)
+
+    cache = DocCache(max_bytes=3 * entry(10).nbytes)
+    for key in "abc":
+        assert cache.put(key, entry(10))
+    assert cache.get("a") is not None  # a is now the most recent
+    assert cache.put("d", entry(10))  # evicts b, the least recently used
+    assert cache.get("b") is None and cache.get("c") is not None and len(cache) == 3
+    assert cache.bytes == 3 * entry(10).nbytes and cache.evictions == 1
+    assert not cache.put("huge", entry(40))
+    assert (cache.hits, cache.misses) == (2, 1)
+
+
+class _CharTokenizer:
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids)
+
+
+@pytest.mark.parametrize("stop", [[], ["END"], ["xy", "ND"]])
+def test_text_stream_pieces_join_to_the_text(stop):
+    stream = TextStream(_CharTokenizer(), stop)
+    pieces = [stream.push(ord(c)) for c in "abcENxyzEND tail"]
+    pieces.append(stream.finish())
+    full = "abcENxyzEND tail"
+    cuts = [full.find(s) for s in stop if full.find(s) >= 0]
+    expected = full[: min(cuts)] if cuts else full
+    assert "".join(pieces) == stream.text == expected
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    out = top_p_filter(probs, 0.75)
+    torch.testing.assert_close(out, torch.tensor([0.625, 0.375, 0.0, 0.0]))
+    assert torch.equal(top_p_filter(probs, 1.0), probs)
+
+
+def test_sampling_params_validate():
+    with pytest.raises(ValueError, match="max_tokens"):
+        SamplingParams(max_tokens=0)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0.0)
