@@ -167,3 +167,29 @@ def test_sampling_params_validate():
         SamplingParams(max_tokens=0)
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0.0)
+
+
+def test_bench_serve_script_runs_on_cpu(tmp_path):
+    """The GPU load generator's code path, at toy size: every run completes and is written."""
+    import json
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_serve.py"
+    argv = ["bench_serve.py", "--model", "tiny-llama", "--device", "cpu", "--lengths", "200", "300",
+            "--fill-from-document", "300", "--counts", "1", "3", "--fill-counts", "1", "4", "--full-counts", "2",
+            "--budget", "48", "--window", "8", "--max-tokens", "48", "--fill-max-tokens", "24", "--steady-steps", "4",
+            "--out", str(tmp_path)]
+    old = sys.argv
+    sys.argv = argv
+    try:
+        with pytest.raises(SystemExit) as done:
+            runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = old
+    assert done.value.code == 0
+    res = json.loads((tmp_path / "bench_serve.json").read_text())
+    runs = [r for r in res["runs"] if r.get("fits")]
+    assert len(runs) == 6 and all(not r["errors"] and r["decode_tokens_per_s"] > 0 for r in runs)
+    assert all(r["repeated_document_ttft_s"] > 0 for r in res["repeated"])
