@@ -188,7 +188,7 @@ def test_load_32_clients_match_alone_and_nothing_leaks(server, client):
     subjects = ["cats", "the sea", "a red car", "winter", "bread", "music", "a tall tree", "the moon"]
     prompts = [f"Write one sentence about {s}." for s in subjects]
     alone = {p: client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": p}],
-                                               max_tokens=5, temperature=0).choices[0].message.content
+                                               max_tokens=4, temperature=0).choices[0].message.content
              for p in prompts}
 
     def one_client(i: int) -> list[tuple[str, str]]:
@@ -196,7 +196,7 @@ def test_load_32_clients_match_alone_and_nothing_leaks(server, client):
         out = []
         for _ in range(2):
             p = rng.choice(prompts)
-            r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": p}], max_tokens=5,
+            r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": p}], max_tokens=4,
                                           temperature=0)
             out.append((p, r.choices[0].message.content))
         return out
@@ -271,3 +271,52 @@ def test_transformers_backend_queue_full_429(smollm2):
                 _error(r, 429)
                 assert r.headers["retry-after"] == "1"
         assert _wait_idle(base)["busy_rows"] == 0
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_in_flight_and_exits_cleanly(tmp_path):
+    """`snapkv serve` as its own process: SIGTERM lets the open stream finish, then the process exits 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from serve_fixture import free_port
+
+    port = free_port()
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "snapkv.cli", "serve", "--port", str(port), "--max-batch", "2",
+                             "--budget", "128", "--max-new-tokens", "16", "--shutdown-timeout", "60"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+            time.sleep(0.2)
+        body = {"model": MODEL, "prompt": "One, two, three,", "max_tokens": 10, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=120) as r:
+            lines = r.iter_lines()
+            first = next(line for line in lines if line.startswith("data: "))
+            proc.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]"
+        chunks = [json.loads(x[6:]) for x in [first, *rest[:-1]]]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+        # uvicorn re-raises the captured SIGTERM once its graceful shutdown is complete.
+        assert proc.wait(60) in (0, -signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    text = (tmp_path / "serve.log").read_text()
+    assert "Application shutdown complete" in text and "Traceback" not in text, text
+    assert "TTFT" in text and "tokens/s" in text  # one line per request
