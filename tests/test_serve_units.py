@@ -193,3 +193,15 @@ def test_bench_serve_script_runs_on_cpu(tmp_path):
     runs = [r for r in res["runs"] if r.get("fits")]
     assert len(runs) == 6 and all(not r["errors"] and r["decode_tokens_per_s"] > 0 for r in runs)
     assert all(r["repeated_document_ttft_s"] > 0 for r in res["repeated"])
+
+
+def test_backend_choice_is_explicit():
+    """auto picks the engine when it can run the model; engine on a model it cannot run is an error."""
+    from snapkv.serve.cli import pick_backend
+
+    assert pick_backend(tiny_model("llama"), "auto") == ("engine", None)
+    kind, reason = pick_backend(tiny_model("gemma2"), "auto")
+    assert kind == "transformers" and "sliding" in reason
+    with pytest.raises(ValueError, match="--backend engine cannot run this model"):
+        pick_backend(tiny_model("gemma2"), "engine")
+    assert pick_backend(tiny_model("gemma2"), "transformers")[0] == "transformers"
