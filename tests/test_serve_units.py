@@ -49,15 +49,17 @@ class _Collector:
             self.done.set()
 
 
-def _backend(model, rows=2, slot_tokens=64, doc_bytes=0):
+def _backend(model, rows=2, slot_tokens=64, doc_bytes=0, fused=None):
     return EngineBackend(model, rows=rows, slot_tokens=slot_tokens, doc_cache=DocCache(doc_bytes),
-                         probe=[5, 6, 7, 8, 9, 10, 11, 12, 13], prefill_chunk=32)
+                         probe=[5, 6, 7, 8, 9, 10, 11, 12, 13], prefill_chunk=32, fused=fused)
 
 
-def test_rows_join_and_leave_and_match_engine_alone():
+@pytest.mark.parametrize("fused", [False, True], ids=["plain-step", "fused-twins"])
+def test_rows_join_and_leave_and_match_engine_alone(fused):
     """Five requests through two rows: each joins when a row frees, and decodes as it would alone."""
     model = tiny_model("llama")
-    backend = _backend(model)
+    backend = _backend(model, fused=fused)
+    assert (backend.runner.ops is not None) == fused
     sched = Scheduler(backend, max_queue=8)
     sched.start()
     try:
@@ -205,3 +207,58 @@ def test_backend_choice_is_explicit():
     with pytest.raises(ValueError, match="--backend engine cannot run this model"):
         pick_backend(tiny_model("gemma2"), "engine")
     assert pick_backend(tiny_model("gemma2"), "transformers")[0] == "transformers"
+
+
+_KERNEL_SLOTS = """
+import sys, json, torch
+sys.path.insert(0, {tests!r})
+from triton_interp import patch_interpreter_for_numpy
+patch_interpreter_for_numpy()
+from snapkv.config import SnapKVConfig
+from snapkv.generation.fused import kernel_ops
+from snapkv.serve.backend import PrefillJob
+from snapkv.serve.batcher import EngineBackend
+from snapkv.serve.doc_cache import DocCache
+from snapkv.serve.sampling import SamplingParams
+from snapkv.serve.slots import slot_ops
+from tiny_models import tiny_model
+model = tiny_model("llama")
+cfg = SnapKVConfig(budget=40, window=8, kernel=5, pooling="avg")
+b = EngineBackend(model, rows=2, slot_tokens=48, doc_cache=DocCache(0), probe=[5], prefill_chunk=32, fused=False)
+b.runner.ops = slot_ops(kernel_ops())  # the Triton kernels, through the interpreter
+greedy = SamplingParams(temperature=0.0)
+rows = {{}}
+for row, (n, seed) in enumerate([(70, 0), (25, 1)]):
+    ids = torch.randint(3, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+    pre = b.prefill(PrefillJob(ids, cfg))
+    b.load(row, pre)
+    rows[row] = [b.first_token(pre, greedy, None)]
+    for _ in range(row + 2):  # row 1 joins while row 0 is decoding
+        out = b.step({{r: t[-1] for r, t in rows.items()}}, {{}})
+        for r in rows:
+            rows[r].append(out[r])
+print(json.dumps(rows))
+"""
+
+
+@pytest.mark.slow
+def test_fused_kernels_over_slots_match_engine_alone_interpreter():
+    """The Triton kernels (ragged attention over per-row segments) through the interpreter, rows joining."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    tests = str(Path(__file__).resolve().parent)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", _KERNEL_SLOTS.format(tests=tests)], capture_output=True,
+                          text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    model = tiny_model("llama")
+    for row, (n, seed) in enumerate([(70, 0), (25, 1)]):
+        ids = torch.randint(3, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+        got = rows[str(row)]
+        assert got == _alone(model, ids, len(got))

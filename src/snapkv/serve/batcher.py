@@ -4,8 +4,9 @@ Every request gets a row of a :class:`~snapkv.serve.slots.SlotKVCache` for its w
 Its prompt is prefilled alone by the engine's layer-bounded prefill into a 1-row static cache
 (in a worker thread, on its own CUDA stream, while the other rows keep decoding on a
 high-priority stream), then copied into its row between two decode steps. The decode step is
-the engine's :class:`~snapkv.generation.DecodeRunner` (one CUDA graph on a GPU, eager on CPU)
-run over all rows at once; free rows ride along masked and their outputs are ignored.
+the engine's :class:`~snapkv.generation.DecodeRunner` (one CUDA graph on a GPU, eager on CPU;
+the fused kernels with per-row K/V writes where the model allows them) run over all rows at
+once; free rows ride along masked and their outputs are ignored.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from snapkv.serve.backend import Prefilled, PrefillJob
 from snapkv.serve.doc_cache import DocCache, doc_key
 from snapkv.serve.extend import compress_context, context_slots, extend, method_for, new_row_cache
 from snapkv.serve.sampling import SamplingParams, sample_token
-from snapkv.serve.slots import SlotKVCache
+from snapkv.serve.slots import SlotKVCache, slot_ops
 
 log = logging.getLogger("snapkv.serve")
 
@@ -46,6 +47,8 @@ class EngineBackend:
         prefill_chunk: prefill query rows per step.
         use_graph: capture the decode step as a CUDA graph (default: on CUDA).
         whole_layer_bytes: the prefill's whole-layer attention allowance (default 4 GiB on CUDA).
+        fused: fused decode operations (Triton on CUDA, torch twins elsewhere) with per-row K/V
+            writes; default: on CUDA when Triton imports and the model allows it.
     """
 
     name = "engine"
@@ -63,6 +66,7 @@ class EngineBackend:
         prefill_chunk: int = 8192,
         use_graph: bool | None = None,
         whole_layer_bytes: int | None = None,
+        fused: bool | None = None,
     ) -> None:
         self.parts = DecoderParts.from_model(model)  # ValueError for models the engine cannot run
         if rows < 1:
@@ -76,7 +80,9 @@ class EngineBackend:
         p = self.parts
         self.slots = SlotKVCache(p.num_layers, rows, p.num_kv_heads, p.head_dim, slot_tokens,
                                  dtype=p.dtype, device=self.device)
-        self.runner = DecodeRunner(p, self.slots, use_graph=use_graph, fused=False)
+        self.runner = DecodeRunner(p, self.slots, use_graph=use_graph, fused=fused)
+        if self.runner.ops is not None:  # before capture: the graph records these operations
+            self.runner.ops = slot_ops(self.runner.ops)
         self._decode_stream = torch.cuda.Stream(self.device, priority=-1) if cuda else None
         self._prefill_stream = torch.cuda.Stream(self.device) if cuda else None
         self._prefill_lock = threading.Lock()  # one prefill at a time

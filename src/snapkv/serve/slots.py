@@ -18,13 +18,16 @@ outputs are ignored.
 :meth:`open_slot`, :meth:`append` and :meth:`advance` replace the base class's shared-slot
 versions with per-row scatters, so the engine's own
 :func:`~snapkv.generation.decode_one_token` and :class:`~snapkv.generation.DecodeRunner`
-run over this cache unchanged (without the fused kernels, which write one shared slot).
+run over this cache unchanged; the fused step runs too with :func:`slot_ops` (its ragged
+attention reads each row's own segment; only the K/V write is per row).
 """
 
 from __future__ import annotations
 
 import torch
 
+from snapkv.generation.adapter import rotate_half
+from snapkv.generation.fused import FusedOps
 from snapkv.generation.static_cache import DecodeState, StaticKVCache
 
 
@@ -181,3 +184,38 @@ class SlotKVCache(StaticKVCache):
         self.positions.copy_(state.positions)
         self.lengths.copy_((self.write_pos.view(1, rows, 1) - self.first).clamp_min(0))
         self.host_pos = state.host_pos
+
+
+def rope_append_rows(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    write_pos: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`~snapkv.kernels.decode_ops_ref.rope_append_ref` with one write slot per row (``write_pos [B]``).
+
+    Rotated queries ``[B, Hq, D]``; rotated keys and the values are scattered into each row's
+    own slot of ``k_cache, v_cache [B, Hkv, cap, D]``.
+    """
+    b, d = cos.shape
+    c, s = cos[:, None, :], sin[:, None, :]  # [B, 1, D]
+    qh, kh = q.view(b, -1, d), k.view(b, -1, d)
+    q_rot = (qh * c) + (rotate_half(qh) * s)
+    k_rot = (kh * c) + (rotate_half(kh) * s)
+    idx = write_pos.view(b, 1, 1, 1).expand(b, kh.shape[1], 1, d)
+    k_cache.scatter_(2, idx, k_rot[:, :, None, :].to(k_cache.dtype))
+    v_cache.scatter_(2, idx, v.view(b, -1, d)[:, :, None, :].to(v_cache.dtype))
+    return q_rot
+
+
+def slot_ops(ops: FusedOps) -> FusedOps:
+    """The fused decode operations over a :class:`SlotKVCache`: the same kernels, per-row K/V writes.
+
+    The ragged attention kernel already reads each row's and head's own segment (``starts``,
+    ``lengths``); only the shared-slot ``rope_append`` is replaced by :func:`rope_append_rows`.
+    """
+    return FusedOps(ops.add_rmsnorm, rope_append_rows, ops.silu_mul, ops.attention, f"{ops.name}, per-row writes")
