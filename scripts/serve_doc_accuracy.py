@@ -27,7 +27,7 @@ from snapkv.serve.scheduler import Request, Scheduler
 from snapkv.serve.server import eos_ids, probe_ids
 
 
-def _ask(sched: Scheduler, tok, ids: list[int], config: SnapKVConfig, context: int) -> str:
+def _ask(sched: Scheduler, tok, eos: list[int], ids: list[int], config: SnapKVConfig, context: int) -> str:
     done, out = threading.Event(), {}
 
     def sink(kind, payload):
@@ -35,9 +35,8 @@ def _ask(sched: Scheduler, tok, ids: list[int], config: SnapKVConfig, context: i
             out["r"] = payload
             done.set()
 
-    sched.submit(Request(PrefillJob(ids, config, context), SamplingParams(max_tokens=8, temperature=0.0,
-                                                                         eos_ids=eos_ids(sched.model, tok)),
-                         sink, tokenizer=tok))
+    params = SamplingParams(max_tokens=8, temperature=0.0, eos_ids=eos)
+    sched.submit(Request(PrefillJob(ids, config, context), params, sink, tokenizer=tok))
     done.wait(600)
     return out["r"].text if hasattr(out["r"], "text") else f"error {out['r']}"
 
@@ -56,8 +55,8 @@ def main() -> int:
     backend = EngineBackend(model, rows=2, slot_tokens=a.length + 64, doc_cache=DocCache(1 << 30),
                             probe=probe_ids(tok))
     sched = Scheduler(backend)
-    sched.model = model
     sched.start()
+    eos = eos_ids(model, tok)
     score: dict[str, int] = {}
     try:
         for i in range(a.samples):
@@ -72,7 +71,7 @@ def main() -> int:
                 runs[f"query_aware_{b}"] = (SnapKVConfig(budget=b, window=a.window), 0)
                 runs[f"doc_cache_{b}"] = (SnapKVConfig(budget=b, window=a.window), n_ctx)
             for name, (cfg, context) in runs.items():
-                ok = str(key) in _ask(sched, tok, ids, cfg, context)
+                ok = str(key) in _ask(sched, tok, eos, ids, cfg, context)
                 score[name] = score.get(name, 0) + ok
             print(json.dumps({"sample": i, "tokens": len(ids), **score}), flush=True)
     finally:
