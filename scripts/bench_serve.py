@@ -155,6 +155,7 @@ def _one(sched: Scheduler, backend: EngineBackend, doc: list[int], config: SnapK
     t_all = time.perf_counter()
     steps0 = len(sched.step_times)
     tokens0 = sum(len(s.times) for s in sinks)
+    live = [kept + len(s.times) for s in sinks if not s.done.is_set()]  # cache tokens per row now
     while len(sched.step_times) - steps0 < a.steady_steps and not all(s.done.is_set() for s in sinks):
         time.sleep(0.005)
     t_end = time.perf_counter()
@@ -182,7 +183,8 @@ def _one(sched: Scheduler, backend: EngineBackend, doc: list[int], config: SnapK
         "itl_while_arriving_p99_ms": _ms(_pct(itl_arrival, 99)),
         "itl_steady_p50_ms": _ms(_pct(itl_steady, 50)), "itl_steady_p99_ms": _ms(_pct(itl_steady, 99)),
         "decode_tokens_per_s": (tokens1 - tokens0) / (t_end - t_all) if t_end > t_all else None,
-        "rows_decoding_in_steady_phase": active, "peak_gib": peak, "errors": errors,
+        "rows_decoding_in_steady_phase": active, "mean_cache_tokens_per_row_at_steady_start":
+            sum(live) / len(live) if live else None, "peak_gib": peak, "errors": errors,
     }
 
 
@@ -242,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="concurrencies of the full-cache baseline (distinct prefills)")
     p.add_argument("--budget", type=int, default=1024)
     p.add_argument("--window", type=int, default=32)
-    p.add_argument("--max-tokens", type=int, default=2048,
+    p.add_argument("--max-tokens", type=int, default=4096,
                    help="slot room for generated tokens per row (covers the arrival phase of distinct prefills)")
     p.add_argument("--fill-max-tokens", type=int, default=512, help="the same for rows filled from a document")
     p.add_argument("--steady-steps", type=int, default=64)
