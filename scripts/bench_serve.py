@@ -153,10 +153,10 @@ def _one(sched: Scheduler, backend: EngineBackend, doc: list[int], config: SnapK
     while not all(s.times or s.done.is_set() for s in sinks):
         time.sleep(0.005)
     t_all = time.perf_counter()
-    steps0 = len(sched.step_times)
+    steps0 = sched.steps
     tokens0 = sum(len(s.times) for s in sinks)
     live = [kept + len(s.times) for s in sinks if not s.done.is_set()]  # cache tokens per row now
-    while len(sched.step_times) - steps0 < a.steady_steps and not all(s.done.is_set() for s in sinks):
+    while sched.steps - steps0 < a.steady_steps and not all(s.done.is_set() for s in sinks):
         time.sleep(0.005)
     t_end = time.perf_counter()
     tokens1 = sum(len(s.times) for s in sinks)

@@ -27,7 +27,8 @@ from snapkv.serve.scheduler import Request, Scheduler
 from snapkv.serve.server import eos_ids, probe_ids
 
 
-def _ask(sched: Scheduler, tok, eos: list[int], ids: list[int], config: SnapKVConfig, context: int) -> str:
+def _ask(sched: Scheduler, tok, eos: list[int], ids: list[int], config: SnapKVConfig,
+         context: int) -> tuple[str, float]:
     done, out = threading.Event(), {}
 
     def sink(kind, payload):
@@ -38,7 +39,8 @@ def _ask(sched: Scheduler, tok, eos: list[int], ids: list[int], config: SnapKVCo
     params = SamplingParams(max_tokens=8, temperature=0.0, eos_ids=eos)
     sched.submit(Request(PrefillJob(ids, config, context), params, sink, tokenizer=tok))
     done.wait(600)
-    return out["r"].text if hasattr(out["r"], "text") else f"error {out['r']}"
+    r = out["r"]
+    return (r.text, r.ttft_s) if hasattr(r, "text") else (f"error {r}", 0.0)
 
 
 def main() -> int:
@@ -58,6 +60,7 @@ def main() -> int:
     sched.start()
     eos = eos_ids(model, tok)
     score: dict[str, int] = {}
+    ttfts: dict[str, list[float]] = {}
     try:
         for i in range(a.samples):
             key = rng.randrange(10000, 100000)
@@ -70,13 +73,22 @@ def main() -> int:
             for b in a.budgets:
                 runs[f"query_aware_{b}"] = (SnapKVConfig(budget=b, window=a.window), 0)
                 runs[f"doc_cache_{b}"] = (SnapKVConfig(budget=b, window=a.window), n_ctx)
+            ttft = {}
             for name, (cfg, context) in runs.items():
-                ok = str(key) in _ask(sched, tok, eos, ids, cfg, context)
-                score[name] = score.get(name, 0) + ok
-            print(json.dumps({"sample": i, "tokens": len(ids), **score}), flush=True)
+                text, ttft[name] = _ask(sched, tok, eos, ids, cfg, context)
+                score[name] = score.get(name, 0) + (str(key) in text)
+            b = a.budgets[-1]  # the same document again: a document-cache hit
+            text, ttft["doc_cache_hit"] = _ask(sched, tok, eos, ids, SnapKVConfig(budget=b, window=a.window), n_ctx)
+            score["doc_cache_hit"] = score.get("doc_cache_hit", 0) + (str(key) in text)
+            for name, t in ttft.items():
+                ttfts.setdefault(name, []).append(t)
+            print(json.dumps({"sample": i, "tokens": len(ids), **score,
+                              "ttft_s": {k: round(v, 3) for k, v in ttft.items()}}), flush=True)
     finally:
         sched.stop()
-    print(json.dumps({"model": a.model, "length": a.length, "samples": a.samples, "correct": score}))
+    median = {k: sorted(v)[len(v) // 2] for k, v in ttfts.items()}
+    print(json.dumps({"model": a.model, "length": a.length, "samples": a.samples, "correct": score,
+                      "median_ttft_s": median}))
     return 0
 
 

@@ -88,7 +88,8 @@ class Scheduler:
         self._thread = threading.Thread(target=self._run, name="snapkv-scheduler", daemon=True)
         self._started = threading.Event()
         self.error: BaseException | None = None
-        self.step_times: collections.deque[float] = collections.deque(maxlen=4096)  # decode step seconds
+        self.step_times: collections.deque[float] = collections.deque(maxlen=4096)  # last decode steps' seconds
+        self.steps = 0  # decode steps run since start
 
     # -- public (any thread) ---------------------------------------------------------------------
     def start(self) -> None:
@@ -241,6 +242,7 @@ class Scheduler:
         t0 = time.perf_counter()
         out = self.backend.step(inputs, samplers)
         self.step_times.append(time.perf_counter() - t0)
+        self.steps += 1
         if self.metrics is not None:
             self.metrics.observe_step(time.perf_counter() - t0, len(inputs))
         for row, tok in out.items():
