@@ -270,8 +270,9 @@ def main(argv: list[str] | None = None) -> int:
         results["runs"] += run_config(model, a, length, a.budget, a.fill_counts if fill else a.counts, fill,
                                       deadline)
         save()
-        results["repeated"].append(repeated_document(model, a, length, a.budget))
-        save()
+        if time.monotonic() < deadline:
+            results["repeated"].append(repeated_document(model, a, length, a.budget))
+            save()
         results["runs"] += run_config(model, a, length, None, a.full_counts, False, deadline)
         save()
     print(f"wrote {out_dir / 'bench_serve.json'} in {time.monotonic() - start:.0f} s", file=sys.stderr)
