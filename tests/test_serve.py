@@ -204,7 +204,7 @@ def test_load_32_clients_match_alone_and_nothing_leaks(server, client):
     t0 = time.monotonic()
     with ThreadPoolExecutor(32) as pool:
         results = [pair for pairs in pool.map(one_client, range(32)) for pair in pairs]
-    assert time.monotonic() - t0 < 300  # bounded: about 40 s of CPU time on two idle cores
+    assert time.monotonic() - t0 < 300  # bounded, with room for a machine shared with other jobs
     assert len(results) == 64
     assert all(text == alone[p] for p, text in results)
     assert _wait_idle(server[0])["busy_rows"] == 0
