@@ -253,15 +253,19 @@ def test_document_cache_hit(server, client, smollm2):
     assert a.choices[0].text == b.choices[0].text
 
 
-def test_transformers_backend_queue_full_429(smollm2):
-    """A second server: transformers backend (not batched), one row, one queue place: the third request gets 429."""
+def test_transformers_backend_queue_full_429(smollm2, client):
+    """A second server: transformers backend (not batched), one row, one queue place: the third request gets 429.
+
+    Its greedy answer equals the engine server's (both keep the whole short prompt).
+    """
     model, tok = smollm2
+    engine_text = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=12, temperature=0)
     with running_server(model, tok, "--backend", "transformers", "--max-batch", "1", "--max-queue", "1",
                         "--budget", "64", "--window", "8", "--max-new-tokens", "16") as (base, srv):
         assert _health(base)["backend"] == "transformers"
         c = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=120)
         text = c.chat.completions.create(model=MODEL, messages=ASK, max_tokens=12, temperature=0)
-        assert "Paris" in text.choices[0].message.content
+        assert text.choices[0].message.content == engine_text.choices[0].message.content
         body = {"model": MODEL, "prompt": "Count: one, two,", "max_tokens": 60, "stream": True}
         with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as a:
             next(a.iter_lines())
