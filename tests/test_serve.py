@@ -229,6 +229,19 @@ def test_client_disconnect_cancels_and_frees_the_row(server):
     assert srv.metrics.finished.labels("cancelled")._value.get() == before + 1
 
 
+def test_plain_request_disconnect_cancels(server):
+    """A non-streamed request whose client gives up is cancelled too (the server polls the connection)."""
+    base, srv = server
+    before = srv.metrics.finished.labels("cancelled")._value.get()
+    body = {"model": MODEL, "prompt": "Count slowly: one, two, three,", "max_tokens": 400, "temperature": 0,
+            "snapkv": {"budget": 200}}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{base}/v1/completions", json=body, timeout=3, headers={"Authorization": f"Bearer {KEY}"})
+    h = _wait_idle(base, timeout=15)
+    assert h["busy_rows"] == 0
+    assert srv.metrics.finished.labels("cancelled")._value.get() == before + 1
+
+
 def test_document_cache_hit(server, client, smollm2):
     _, tok = smollm2
     doc = passkey_context(tok, 600, 0.3, 71946)
