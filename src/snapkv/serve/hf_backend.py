@@ -1,11 +1,11 @@
 """The transformers backend: one SnapKV cache per request, decoded one request after another.
 
 For models the engine cannot run (Gemma's sliding-window layers, fused projections, ...): the
-model's own forward with a :class:`~snapkv.integration.hf.SnapKVSession`, as
-:func:`snapkv.answer` does. Requests still join and leave between steps and the scheduler
-serves them round-robin, but each step runs one forward per busy request: this backend is
-NOT batched, and it has no document cache. Prefills run in the scheduler's thread (the
-session's attention function is shared by all forwards), so they pause the others' decoding.
+model's own forward with one :class:`~snapkv.cache.compressed.SnapKVCache` per request (each
+with the request's SnapKV settings), as :func:`snapkv.answer` does. Requests still join and
+leave between steps and the scheduler serves them round-robin, but each step runs one forward
+per busy request: this backend is NOT batched, and it has no document cache. Prefills run in
+the scheduler's thread, so they pause the others' decoding.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 
 from snapkv.cache.compressed import SnapKVCache
 from snapkv.config import SnapKVConfig
-from snapkv.integration.hf import SnapKVSession
+from snapkv.integration.hf import cache_argument
 from snapkv.serve.backend import Prefilled, PrefillJob
 from snapkv.serve.extend import method_for
 from snapkv.serve.sampling import SamplingParams, sample_token
@@ -31,10 +31,10 @@ class _Row:
 
 
 class TransformersBackend:
-    """Per-request transformers caches compressed by a SnapKV session (not batched).
+    """Per-request transformers caches that compress themselves (not batched).
 
     Args:
-        model: any decoder :class:`~snapkv.integration.hf.SnapKVSession` supports.
+        model: any decoder :class:`~snapkv.cache.compressed.SnapKVCache` supports.
         rows: concurrent requests.
         slot_tokens: kept prompt tokens plus ``max_tokens`` a request may use.
     """
@@ -47,13 +47,13 @@ class TransformersBackend:
             raise ValueError(f"rows (--max-batch) must be >= 1, got {rows}")
         self.model, self.rows, self.slot_tokens = model, rows, slot_tokens
         self.device = model.device
-        self.session = SnapKVSession(model, SnapKVConfig())
-        self.session.__enter__()
+        self._keyword = cache_argument(model)
         self._rows: dict[int, _Row] = {}
 
     def close(self) -> None:
-        """Leave the session: the model gets its own attention back."""
-        self.session.__exit__(None, None, None)
+        """Close every cache still held (each gives its hold on the model back)."""
+        for row in list(self._rows):
+            self.free(row)
 
     def row_slots(self, prompt_tokens: int, config: SnapKVConfig, context_tokens: int) -> int:
         """Kept prompt tokens (the largest layer's)."""
@@ -70,12 +70,14 @@ class TransformersBackend:
         if job.context_tokens:
             raise ValueError("the document cache needs --backend engine")
         t0 = time.perf_counter()
-        s = self.session
-        s.config, s.window, s.method = job.config, job.config.window, method_for(job.config)
-        cache = s.new_cache()
-        ids = torch.tensor([job.ids], device=self.device)
-        logits = self.model(input_ids=ids, **s.cache_kwargs(cache)).logits[0, -1]
-        kept = max((max(st.kept_tokens) for st in s.stats), default=len(job.ids))
+        cache = SnapKVCache(self.model, job.config, method_for(job.config))
+        try:
+            ids = torch.tensor([job.ids], device=self.device)
+            logits = self.model(input_ids=ids, **{self._keyword: cache}).logits[0, -1]
+        except BaseException:
+            cache.close()
+            raise
+        kept = max((max(st.kept_tokens) for st in cache.stats), default=len(job.ids))
         return Prefilled(_Row(cache, len(job.ids)), logits, len(job.ids), kept, 0, None, time.perf_counter() - t0)
 
     def first_token(self, pre: Prefilled, params: SamplingParams, gen: torch.Generator | None) -> int:
@@ -89,8 +91,10 @@ class TransformersBackend:
         self._rows[row] = pre.state
 
     def free(self, row: int) -> None:
-        """Drop the row's cache."""
-        self._rows.pop(row, None)
+        """Close the row's cache."""
+        state = self._rows.pop(row, None)
+        if state is not None:
+            state.cache.close()
 
     @torch.inference_mode()
     def step(self, inputs: dict[int, int], samplers: dict[int, tuple[SamplingParams, Any]]) -> dict[int, int]:
@@ -98,10 +102,9 @@ class TransformersBackend:
         out = {}
         for row, tok in inputs.items():
             state = self._rows[row]
-            self.session.activate(state.cache)
             x = torch.tensor([[tok]], device=self.device)
             pos = torch.tensor([[state.position]], device=self.device)
-            logits = self.model(input_ids=x, position_ids=pos, **self.session.cache_kwargs(state.cache)).logits[0, -1]
+            logits = self.model(input_ids=x, position_ids=pos, **{self._keyword: state.cache}).logits[0, -1]
             state.position += 1
             params, gen = samplers.get(row, (SamplingParams(temperature=0.0), None))
             out[row] = int(sample_token(logits, params, gen))
