@@ -290,7 +290,6 @@ def test_transformers_backend_queue_full_429(smollm2, client):
         assert _wait_idle(base)["busy_rows"] == 0
 
 
-@pytest.mark.slow
 def test_sigterm_finishes_in_flight_and_exits_cleanly(tmp_path):
     """`snapkv serve` as its own process: SIGTERM lets the open stream finish, then the process exits 0."""
     import os

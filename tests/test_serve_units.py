@@ -241,7 +241,6 @@ print(json.dumps(rows))
 """
 
 
-@pytest.mark.slow
 def test_fused_kernels_over_slots_match_engine_alone_interpreter():
     """The Triton kernels (ragged attention over per-row segments) through the interpreter, rows joining."""
     import json
