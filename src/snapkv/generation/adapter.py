@@ -1,5 +1,10 @@
 """The one place the engine reads a Hugging Face decoder's module structure.
 
+Which layer runner a model gets is decided here, by its ``model_type`` only (:func:`runner_for`):
+:data:`RUNNERS` maps each admitted type to the factory of its runner. Types not listed are
+refused with a ``ValueError`` naming the supported ones; a model with Llama module names but
+another forward (Granite, SmolLM3, OLMo, ...) is therefore never run by the hand-wired path.
+
 Llama-family models (Llama, Mistral without a sliding window, Qwen2, Qwen3) share one layout:
 ``model.model.embed_tokens``, ``model.model.layers[i].{input_layernorm, self_attn.{q,k,v,o}_proj,
 post_attention_layernorm, mlp}``, ``model.model.norm``, ``model.model.rotary_emb`` and
@@ -9,10 +14,31 @@ never copied, and no class is patched) and the few per-token operations built on
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from snapkv.generation.static_cache import StaticKVCache
+
+#: ``model_type`` -> ``"module:attribute.path"`` of the factory building its layer runner
+#: (``factory(model) -> DecoderParts`` or a subclass). The hand-wired Llama path is admitted
+#: for exactly these four types, each checked to compute the same forward as transformers'
+#: (tests/test_engine_equality.py, and the self-check every :class:`~snapkv.generation.Engine`
+#: runs at construction). Another family adds its own line here, with a runner that
+#: subclasses :class:`DecoderParts` and overrides :meth:`~DecoderParts.prefill_row`,
+#: :meth:`~DecoderParts.decode_step` and, if it needs another cache, :meth:`~DecoderParts.make_cache`.
+RUNNERS: dict[str, str] = {
+    "llama": "snapkv.generation.adapter:DecoderParts.from_model",
+    "mistral": "snapkv.generation.adapter:DecoderParts.from_model",  # refused with a sliding window
+    "qwen2": "snapkv.generation.adapter:DecoderParts.from_model",  # refused with sliding layers
+    "qwen3": "snapkv.generation.adapter:DecoderParts.from_model",
+}
+
+#: The types the hand-wired Llama path admits (its fused decode kernels are written for them).
+LLAMA_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3")
 
 #: RoPE types whose frequencies depend only on the position (no host-side state).
 STATIC_ROPE_TYPES: tuple[str, ...] = ("default", "llama3", "linear", "yarn")
@@ -32,6 +58,36 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def _text_config(model: torch.nn.Module) -> Any:
     return model.config.get_text_config(decoder=True)
+
+
+def model_type(model: torch.nn.Module) -> str:
+    """The ``model_type`` of a model's text decoder config (``""`` when it has none)."""
+    return str(getattr(_text_config(model), "model_type", "") or "")
+
+
+def supported_model_types() -> tuple[str, ...]:
+    """Model types the engine runs (sorted)."""
+    return tuple(sorted(RUNNERS))
+
+
+def runner_for(model: torch.nn.Module) -> DecoderParts:
+    """The layer runner of ``model``: the hand-wired Llama parts or a family's own runner.
+
+    Raises ``ValueError`` naming the model type and the supported ones when the engine has no
+    runner for it, or the runner's own reason when it refuses this model's settings.
+    """
+    kind = model_type(model)
+    target = RUNNERS.get(kind)
+    if target is None:
+        raise ValueError(
+            f"the engine cannot run model type {kind!r} ({type(model).__name__}); supported model types: "
+            f"{', '.join(supported_model_types())}. Use backend='transformers' (SnapKVSession) for it"
+        )
+    module, _, path = target.partition(":")
+    factory: Any = importlib.import_module(module)
+    for name in path.split("."):
+        factory = getattr(factory, name)
+    return factory(model)
 
 
 @dataclass
@@ -54,10 +110,20 @@ class DecoderParts:
     scaling: float
     vocab_size: int
 
+    #: Whether :mod:`snapkv.generation.fused` may run this model's decode step (a runner that
+    #: overrides :meth:`decode_step` sets it False).
+    fusable = True
+
     @classmethod
     def from_model(cls, model: torch.nn.Module) -> DecoderParts:
-        """Check that ``model`` has the Llama-family layout with full attention everywhere."""
+        """Check that ``model`` is an admitted Llama-family type with full attention everywhere."""
         text = _text_config(model)
+        kind = model_type(model)
+        if kind not in LLAMA_TYPES:
+            raise ValueError(
+                f"model type {kind!r} ({type(model).__name__}) is not one the hand-wired Llama path computes "
+                f"exactly; it admits {', '.join(LLAMA_TYPES)}"
+            )
         inner = getattr(model, "model", None)
         needed = ("embed_tokens", "layers", "norm", "rotary_emb")
         if inner is None or not all(hasattr(inner, n) for n in needed) or not hasattr(model, "lm_head"):
@@ -142,6 +208,30 @@ class DecoderParts:
             k = attn.k_norm(k)
         v = attn.v_proj(h).view(b, t, -1, self.head_dim).transpose(1, 2)
         return apply_rope(k.transpose(1, 2), cos, sin), v
+
+    # -- the runner interface the engine calls (a family's runner overrides these) ------------
+    def make_cache(self, batch: int, prompt_slots: int, max_new_tokens: int) -> StaticKVCache:
+        """An empty static cache for ``batch`` rows of this model."""
+        from snapkv.generation.static_cache import StaticKVCache
+
+        return StaticKVCache(self.num_layers, batch, self.num_kv_heads, self.head_dim, prompt_slots,
+                             max_new_tokens, dtype=self.dtype, device=self.device)
+
+    def prefill_row(self, ids: torch.Tensor, cache: StaticKVCache, row: int, **kwargs: Any) -> torch.Tensor:
+        """Prefill one prompt ``ids [n]`` into ``cache`` row ``row``; its last logits ``[V]``.
+
+        ``kwargs`` are :func:`snapkv.generation.prefill.prefill_row`'s (kept, method, window,
+        chunk, backend, timer, num_layers, whole_layer_bytes).
+        """
+        from snapkv.generation.prefill import prefill_row
+
+        return prefill_row(self, ids, cache, row, **kwargs)
+
+    def decode_step(self, cache: StaticKVCache, tokens: torch.Tensor) -> torch.Tensor:
+        """One token per row (``tokens [B]``) over ``cache``; logits ``[B, V]`` (eager, capturable)."""
+        from snapkv.generation.decode import decode_one_token
+
+        return decode_one_token(self, cache, tokens)
 
     def weight_bytes(self) -> int:
         """Bytes of all parameters (what one decode step must read at least once)."""

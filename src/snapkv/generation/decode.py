@@ -14,19 +14,10 @@ import torch
 from snapkv.generation.adapter import DecoderParts
 from snapkv.generation.attention import decode_attention
 from snapkv.generation.fused import FusedOps, decode_one_token_fused, kernel_ops, twin_ops, unsupported_reason
+from snapkv.generation.sampling import sample
 from snapkv.generation.static_cache import StaticKVCache
 
-
-def sample(logits: torch.Tensor, temperature: float = 0.0) -> torch.Tensor:
-    """Next tokens ``[B]`` from ``logits [B, V]``: greedy at temperature 0, else sampled.
-
-    Sampling uses the exponential trick (argmax of ``p / Exp(1)``), which needs no host sync.
-    """
-    if temperature <= 0.0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    noise = torch.empty_like(probs).exponential_(1.0)
-    return (probs / noise).argmax(dim=-1)
+__all__ = ["DecodeRunner", "decode_one_token", "sample"]
 
 
 def decode_one_token(parts: DecoderParts, cache: StaticKVCache, tokens: torch.Tensor) -> torch.Tensor:
@@ -118,7 +109,7 @@ class DecodeRunner:
         if self.ops is not None:
             logits = decode_one_token_fused(self.parts, self.cache, self.tokens, self.ops)
         else:
-            logits = decode_one_token(self.parts, self.cache, self.tokens)
+            logits = self.parts.decode_step(self.cache, self.tokens)
         nxt = sample(logits, self.temperature)
         self.logits.copy_(logits)
         self.next_tokens.copy_(nxt)

@@ -70,6 +70,8 @@ def kernel_ops() -> FusedOps:
 
 def unsupported_reason(parts: DecoderParts) -> str | None:
     """Why the fused step cannot run this model (None when it can)."""
+    if not parts.fusable:
+        return f"{type(parts).__name__} runs the model's own decoder layers"
     d = parts.head_dim
     if d < 2 or d & (d - 1):
         return f"head_dim {d} is not a power of two"

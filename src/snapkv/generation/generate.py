@@ -14,18 +14,23 @@ from __future__ import annotations
 
 import gc
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from snapkv.config import SnapKVConfig
 from snapkv.core.budgets import PROFILES
-from snapkv.generation.adapter import DecoderParts
+from snapkv.generation.adapter import runner_for
 from snapkv.generation.attention import PREFILL_BACKENDS, default_prefill_backend
-from snapkv.generation.decode import DecodeRunner, sample
+from snapkv.generation.decode import DecodeRunner
 from snapkv.generation.memory import NotEnoughMemoryError, check_fits
 from snapkv.generation.prefill import PrefillStats, kept_per_layer, prefill
+from snapkv.generation.sampling import SamplingParams
+from snapkv.generation.selfcheck import self_check as run_self_check
 from snapkv.generation.static_cache import StaticKVCache
+from snapkv.generation.stream import Stream, StreamStep, check_stop, decode_stream, eos_list
 from snapkv.methods.base import Method
 from snapkv.methods.snapkv import SnapKV
 
@@ -35,13 +40,19 @@ class GenerationOutput:
     """Generated tokens and what they cost.
 
     Attributes:
-        tokens: ``[B, T]`` generated tokens (the first one comes from the prefill).
+        tokens: ``[B, T]`` generated tokens (the first one comes from the prefill). A row that
+            finished early (eos or stop string) is padded after its last token with the first
+            eos id (0 without eos ids); ``lengths`` says where.
         logits: per step ``[B, V]`` logits (``return_logits=True``), else empty.
         ttft_s: seconds from the call to the first tokens (memory check, cache, prefill, sampling).
         decode_s: seconds of the remaining ``T - 1`` steps (graph capture included).
         capture_s: seconds spent capturing the decode graph.
         prefill: lengths, kept tokens and per-phase times of the prefill.
         cache: the static cache, holding the prompt's kept tokens and the generated ones.
+        lengths: tokens each row generated, its finishing token (eos, or the one completing a
+            stop string) included.
+        finish_reasons: per row ``"stop"`` (an eos id or a stop string) or ``"length"``.
+        texts: per row the decoded text, cut before any stop string (with a tokenizer), else None.
     """
 
     tokens: torch.Tensor
@@ -51,6 +62,9 @@ class GenerationOutput:
     capture_s: float = 0.0
     prefill: PrefillStats | None = None
     cache: StaticKVCache | None = None
+    lengths: list[int] = field(default_factory=list)
+    finish_reasons: list[str] = field(default_factory=list)
+    texts: list[str] | None = None
 
 
 def split_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[torch.Tensor]:
@@ -68,11 +82,12 @@ def split_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> 
 
 
 class Engine:
-    """SnapKV generation for Llama-family models: bounded prefill, static cache, CUDA-graph decode.
+    """SnapKV generation: bounded prefill, static cache, CUDA-graph decode.
 
     Args:
-        model: a transformers ``*ForCausalLM`` with the Llama layout (Llama, Mistral without
-            sliding window, Qwen2, Qwen3), on one device.
+        model: a transformers ``*ForCausalLM`` of a supported model type (see
+            :func:`~snapkv.generation.adapter.supported_model_types`: Llama, Mistral without
+            sliding window, Qwen2, Qwen3, and any family runner registered there), on one device.
         config: window and budget; None keeps the full prompt cache (same engine, no scoring).
         method: how positions are scored (default :class:`~snapkv.methods.SnapKV` from the config).
         layer_profile: ``"uniform"`` or ``"pyramid"`` budgets across layers.
@@ -84,6 +99,14 @@ class Engine:
         use_graph: capture the decode step as a CUDA graph (default: on CUDA).
         fused: fused decode kernels (default: on CUDA when the model allows, see
             :mod:`snapkv.generation.fused`).
+        self_check: compare the engine's logits with the model's own forward on a short
+            prompt (once per model object and setting, see :mod:`snapkv.generation.selfcheck`)
+            and raise ``ValueError`` on a mismatch. ``False`` skips it: UNSAFE, the engine may
+            then compute another model than the one given, silently.
+
+    Raises:
+        ValueError: a model type the engine cannot run (naming the supported ones), a setting
+            out of range, or a failed self-check.
     """
 
     def __init__(
@@ -98,12 +121,13 @@ class Engine:
         whole_layer_bytes: int | None = None,
         use_graph: bool | None = None,
         fused: bool | None = None,
+        self_check: bool = True,
     ) -> None:
         if layer_profile not in PROFILES:
             raise ValueError(f"layer_profile must be one of {PROFILES}, got {layer_profile!r}")
         if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be an integer >= 1, got {prefill_chunk!r}")
-        self.parts = DecoderParts.from_model(model)
+        self.parts = runner_for(model)
         self.config = config
         if method is None:
             c = config or SnapKVConfig()
@@ -120,33 +144,32 @@ class Engine:
         self.whole_layer_bytes = whole_layer_bytes
         self.use_graph = use_graph
         self.fused = fused
+        #: Relative logit error of the self-check (None when skipped).
+        self.self_check_error = run_self_check(self) if self_check else None
 
     # -- planning --------------------------------------------------------------------------------
-    def prompt_slots(self, length: int) -> int:
+    def prompt_slots(self, length: int, compress: bool = True) -> int:
         """Cache slots one prompt of ``length`` tokens needs (its largest layer budget)."""
-        return max(kept_per_layer(self.config, length, self.parts.num_layers, self.layer_profile))
+        config = self.config if compress else None
+        return max(kept_per_layer(config, length, self.parts.num_layers, self.layer_profile))
 
-    def new_cache(self, lengths: list[int], max_new_tokens: int) -> StaticKVCache:
+    def new_cache(self, lengths: list[int], max_new_tokens: int, compress: bool = True) -> StaticKVCache:
         """A static cache for rows of these prompt lengths, after checking that everything fits.
 
         Raises :class:`~snapkv.generation.memory.NotEnoughMemoryError` before any allocation
         when the cache plus the prefill's work would not fit in the device's free memory.
         """
-        slots = max(self.prompt_slots(n) for n in lengths)
+        slots = max(self.prompt_slots(n, compress) for n in lengths)
         check_fits(
             self.parts,
             lengths,
             slots + max_new_tokens,
             self.prefill_chunk,
-            compressed=self.config is not None,
-            capacity_for=lambda n: self.prompt_slots(n) + max_new_tokens,
+            compressed=compress and self.config is not None,
+            capacity_for=lambda n: self.prompt_slots(n, compress) + max_new_tokens,
             whole_layer_bytes=self.whole_layer_bytes,
         )
-        p = self.parts
-        return StaticKVCache(
-            p.num_layers, len(lengths), p.num_kv_heads, p.head_dim, slots, max_new_tokens,
-            dtype=p.dtype, device=p.device,
-        )
+        return self.parts.make_cache(len(lengths), slots, max_new_tokens)
 
     def runner(self, cache: StaticKVCache, temperature: float = 0.0) -> DecodeRunner:
         """A decode runner over ``cache`` with this engine's graph and fused-kernel settings."""
@@ -160,22 +183,27 @@ class Engine:
         attention_mask: torch.Tensor | None = None,
         max_new_tokens: int = 32,
         num_layers: int | None = None,
+        *,
+        compress: bool = True,
     ) -> tuple[StaticKVCache, torch.Tensor, PrefillStats]:
         """Check memory, allocate the cache and prefill it: ``(cache, last logits [B, V], stats)``.
 
+        ``input_ids [B, n]`` may be padded on either side (``attention_mask`` marks the real
+        tokens); ``compress=False`` keeps every prompt token whatever the config.
         An out-of-memory during the prefill frees what it allocated and is raised again as a
         :class:`~snapkv.generation.memory.NotEnoughMemoryError`; the engine stays usable.
         """
         rows = [r.to(self.parts.device) for r in split_rows(input_ids, attention_mask)]
         lengths = [r.numel() for r in rows]
         oom = None
+        config = self.config if compress else None
         try:
-            cache = self.new_cache(lengths, max_new_tokens)  # raises before allocating if it cannot fit
+            cache = self.new_cache(lengths, max_new_tokens, compress)  # raises before allocating if it cannot fit
             logits, stats = prefill(
                 self.parts,
                 rows,
                 cache,
-                config=self.config,
+                config=config,
                 method=self.method,
                 layer_profile=self.layer_profile,
                 chunk=self.prefill_chunk,
@@ -198,6 +226,135 @@ class Engine:
         return cache, logits, stats
 
     @torch.inference_mode()
+    def extend(self, runner: DecodeRunner, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed ``tokens [B, T]`` after the cache's last position (teacher-forced decode steps).
+
+        Returns the logits ``[B, V]`` of the last one. Used to put a question over a
+        compressed context; :meth:`StaticKVCache.state` before and
+        :meth:`StaticKVCache.rewind` after take it out again.
+        """
+        if tokens.dim() != 2 or tokens.shape[0] != runner.cache.batch or tokens.shape[1] < 1:
+            raise ValueError(f"tokens must be [batch={runner.cache.batch}, T>=1], got {tuple(tokens.shape)}")
+        runner.cache.check_room(tokens.shape[1])
+        tokens = tokens.to(runner.tokens.device)
+        for t in range(tokens.shape[1]):
+            runner.feed(tokens[:, t])
+            runner.step()
+        return runner.logits
+
+    def decode(
+        self,
+        runner: DecodeRunner,
+        logits: torch.Tensor,
+        *,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        stop: str | Sequence[str] | None = None,
+        tokenizer: Any = None,
+        return_logits: bool = False,
+    ) -> Stream:
+        """Stream up to ``max_new_tokens`` per row from ``logits [B, V]`` of the runner's last position.
+
+        The first token is chosen from ``logits``; each further one is a decode step. See
+        :meth:`stream` for the arguments; the stream's ``output`` has no prefill fields.
+        """
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        params = SamplingParams(temperature, top_p, top_k, seed)
+        eos, stops = eos_list(eos_token_id), check_stop(stop, tokenizer)
+        runner.cache.check_room(max_new_tokens - 1)
+        kept: list[torch.Tensor] = []
+        sync = _synchronizer(self.parts.device)
+        t0 = time.perf_counter()
+        if max_new_tokens > 1:
+            runner.capture()  # no-op once captured, and without graphs
+        capture_s = time.perf_counter() - t0
+        steps = decode_stream(runner, logits, max_new_tokens=max_new_tokens, params=params, eos=eos, stop=stops,
+                              tokenizer=tokenizer, on_logits=(lambda x: kept.append(x.clone())) if return_logits
+                              else None, sync=sync)
+
+        def finish(seen: list[StreamStep]) -> GenerationOutput:
+            b = logits.shape[0]
+            pad = eos[0] if eos else 0
+            rows = [[s.tokens[r] for s in seen if s.tokens[r] is not None] for r in range(b)]
+            width = len(seen)
+            out = GenerationOutput(
+                tokens=torch.tensor([row + [pad] * (width - len(row)) for row in rows], dtype=torch.long),
+                logits=kept[:width],
+                capture_s=capture_s,
+                cache=runner.cache,
+                lengths=[len(row) for row in rows],
+                finish_reasons=[next(s.finished[r] for s in seen if s.finished[r]) for r in range(b)],
+                texts=None if tokenizer is None else ["".join(s.text[r] for s in seen) for r in range(b)],
+            )
+            out.decode_s = time.perf_counter() - t0
+            return out
+
+        return Stream(steps, finish)
+
+    def stream(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        stop: str | Sequence[str] | None = None,
+        tokenizer: Any = None,
+        return_logits: bool = False,
+    ) -> Stream:
+        """Prefill, then stream the generation step by step.
+
+        Iterate the returned :class:`~snapkv.generation.stream.Stream` for one
+        :class:`~snapkv.generation.stream.StreamStep` per position (per row: token id, new
+        text, finish reason); afterwards ``stream.output`` is the :class:`GenerationOutput`.
+        The prefill runs at the first iteration.
+
+        Args:
+            input_ids: ``[B, n]`` prompts, padded on either side.
+            attention_mask: ``[B, n]`` 1 on real tokens (None: no padding).
+            max_new_tokens: tokens per row at most (the first comes from the prefill).
+            temperature: 0 greedy, else sampled (see :class:`~snapkv.generation.sampling.SamplingParams`).
+            top_p, top_k: nucleus and top-k filters of the sampling.
+            seed: the request's sampling seed (same seed, same device: same tokens).
+            eos_token_id: one id or several; a row stops after producing one.
+            stop: strings that end a row; its text is cut before them (needs ``tokenizer``).
+            tokenizer: decodes text pieces (``tokenizer.decode(ids, skip_special_tokens=True)``).
+            return_logits: keep each step's ``[B, V]`` logits in the output.
+        """
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        SamplingParams(temperature, top_p, top_k, seed)  # validate before any model work
+        eos_list(eos_token_id)
+        check_stop(stop, tokenizer)
+        holder: dict[str, Any] = {}
+
+        def steps() -> Iterator[StreamStep]:
+            with torch.inference_mode():
+                sync = _synchronizer(self.parts.device)
+                t0 = time.perf_counter()
+                cache, logits, stats = self.prefill(input_ids, attention_mask, max_new_tokens)
+                sync()
+                ttft = time.perf_counter() - t0
+                inner = self.decode(self.runner(cache), logits, max_new_tokens=max_new_tokens,
+                                    temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                                    eos_token_id=eos_token_id, stop=stop, tokenizer=tokenizer,
+                                    return_logits=return_logits)
+                yield from inner
+                out = inner.output
+                out.prefill, out.ttft_s = stats, ttft
+                holder["out"] = out
+
+        return Stream(steps(), lambda seen: holder["out"])
+
     def generate(
         self,
         input_ids: torch.Tensor,
@@ -205,42 +362,28 @@ class Engine:
         *,
         max_new_tokens: int = 32,
         temperature: float = 0.0,
-        eos_token_id: int | None = None,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        stop: str | Sequence[str] | None = None,
+        tokenizer: Any = None,
+        streamer: Callable[[StreamStep], None] | None = None,
         return_logits: bool = False,
     ) -> GenerationOutput:
-        """Generate up to ``max_new_tokens`` per row (rows that hit ``eos_token_id`` then repeat it)."""
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        sync = _synchronizer(self.parts.device)
-        t0 = time.perf_counter()
-        cache, logits, stats = self.prefill(input_ids, attention_mask, max_new_tokens)
-        first = sample(logits, temperature)
-        sync()
-        out = GenerationOutput(tokens=first[:, None], prefill=stats, cache=cache)
-        out.ttft_s = time.perf_counter() - t0
-        if return_logits:
-            out.logits.append(logits.clone())
-        t1 = time.perf_counter()
-        runner = self.runner(cache, temperature)
-        runner.feed(first)
-        runner.capture()
-        out.capture_s = runner.capture_s
-        tokens = [first]
-        done = first == eos_token_id if eos_token_id is not None else None
-        for step in range(1, max_new_tokens):
-            nxt = runner.step().clone()
-            if done is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
-                done = done | (nxt == eos_token_id)
-            tokens.append(nxt)
-            if return_logits:
-                out.logits.append(runner.logits.clone())
-            if done is not None and step % 16 == 0 and bool(done.all()):
-                break
-        out.tokens = torch.stack(tokens, dim=1)
-        sync()
-        out.decode_s = time.perf_counter() - t1
-        return out
+        """Generate up to ``max_new_tokens`` per row; :meth:`stream`'s arguments.
+
+        ``streamer`` is called with each :class:`~snapkv.generation.stream.StreamStep` as it
+        is produced. Rows that finish early are padded with the first eos id (see
+        :class:`GenerationOutput`).
+        """
+        stream = self.stream(input_ids, attention_mask, max_new_tokens=max_new_tokens, temperature=temperature,
+                             top_p=top_p, top_k=top_k, seed=seed, eos_token_id=eos_token_id, stop=stop,
+                             tokenizer=tokenizer, return_logits=return_logits)
+        for step in stream:
+            if streamer is not None:
+                streamer(step)
+        return stream.output
 
 
 def _synchronizer(device: torch.device):

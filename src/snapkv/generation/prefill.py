@@ -135,11 +135,12 @@ def select_layer(
     return k, v
 
 
-def _prefill_row(
+def prefill_row(
     parts: DecoderParts,
     ids: torch.Tensor,
     cache: StaticKVCache,
     row: int,
+    *,
     kept: Sequence[int],
     method: Method,
     window: int,
@@ -254,7 +255,8 @@ def prefill(
         kept = kept_per_layer(config, n, parts.num_layers, layer_profile)
         kept_all.append(kept)
         logits.append(
-            _prefill_row(parts, ids, cache, row, kept, method, window, chunk, backend, timer, depth, whole_layer_bytes)
+            parts.prefill_row(ids, cache, row, kept=kept, method=method, window=window, chunk=chunk, backend=backend,
+                              timer=timer, num_layers=depth, whole_layer_bytes=whole_layer_bytes)
         )
         cache.set_prompt_length(row, n)
     stats = PrefillStats([r.numel() for r in rows], [list(k) for k in zip(*kept_all, strict=True)])
