@@ -47,6 +47,12 @@ class Answer:
     prefill_s: float
     decode_s: float
     layers: list[LayerStats] = field(default_factory=list)
+    # -- engine dispatch (snapkv.generation.answer) ------------------------------------------
+    #: ``"engine"`` or ``"transformers"``: the backend that produced this answer.
+    backend: str = "transformers"
+    #: Seconds spent capturing the engine's decode graph for this answer (in neither
+    #: ``prefill_s`` nor ``decode_s``; 0 on the transformers path and when already captured).
+    capture_s: float = 0.0
 
     @property
     def decode_ms_per_token(self) -> float:
@@ -159,11 +165,19 @@ def answer(
     max_new_tokens: int = 32,
     chat: bool | None = None,
     compress: bool = True,
+    backend: str = "auto",
 ) -> Answer:
     """Answer ``question`` about ``context`` with a query-aware compressed cache (greedy).
 
     ``compress=False`` runs the same path with the full cache, for side-by-side comparison.
+    ``backend``: ``"engine"`` (:class:`~snapkv.generation.Engine`: static cache, CUDA-graph
+    decode; ``ValueError`` on a model it cannot run), ``"transformers"`` (:class:`SnapKVSession`
+    and the model's own forward) or ``"auto"`` (the engine where it runs the model, else
+    transformers). ``Answer.backend`` says which one ran.
     """
+    from snapkv.generation.answer import resolve_backend  # engine dispatch (see snapkv.generation.answer)
+
+    backend = resolve_backend(model, backend)
     config = config or SnapKVConfig()
     ctx_ids, q_ids = split_prompt(tokenizer, context, question, chat)
     window = max(config.window, len(q_ids))
@@ -175,6 +189,11 @@ def answer(
             f"question's {len(q_ids)} tokens so that none of them is dropped; raise budget above {window}"
         )
     eos = _eos_ids(model, tokenizer)
+    if backend == "engine":
+        from snapkv.generation.answer import engine_answer
+
+        engine_config = dataclasses.replace(config, window=window)
+        return engine_answer(model, tokenizer, ctx_ids + q_ids, engine_config, max_new_tokens, eos)
     with SnapKVSession(model, config) as session:
         session.window = window
         cache = session.new_cache()
@@ -200,10 +219,17 @@ class ContextCache:
             compressed: its tokens are the observation window (they vote instead of the
             context's last tokens), then they are cut, so the cache holds exactly the budget
             of context tokens. Needs a model whose layers are all full attention.
+        backend: ``"auto"``, ``"engine"`` or ``"transformers"``, as for :func:`answer`. On the
+            engine the context is prefilled once into a static cache; each question is fed
+            over it and rolled back after the answer.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, context: str, config: SnapKVConfig | None = None,
-                 *, chat: bool | None = None, probe: bool | str | None = None) -> None:
+                 *, chat: bool | None = None, probe: bool | str | None = None, backend: str = "auto") -> None:
+        from snapkv.generation.answer import resolve_backend  # engine dispatch (see snapkv.generation.answer)
+
+        self.backend = resolve_backend(model, backend)
+        self._engine: Any = None
         self.model, self.tokenizer, self.context, self.chat = model, tokenizer, context, chat
         self.config = config or SnapKVConfig()
         self.session = SnapKVSession(model, self.config)
@@ -217,6 +243,8 @@ class ContextCache:
         self.prefill_s = 0.0
 
     def __enter__(self) -> ContextCache:
+        if self.backend == "engine":
+            return self._enter_engine()
         self.session.__enter__()
         try:
             ctx_ids, _ = split_prompt(self.tokenizer, self.context, "?", self.chat)
@@ -246,7 +274,31 @@ class ContextCache:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self.backend == "engine":
+            self._engine = None
+            return
         self.session.__exit__(*exc)
+
+    # -- engine dispatch (snapkv.generation.answer) ------------------------------------------
+    def _enter_engine(self) -> ContextCache:
+        from snapkv.generation.answer import EngineContext
+
+        ctx_ids, _ = split_prompt(self.tokenizer, self.context, "?", self.chat)
+        probe_ids: list[int] = []
+        if self.probe is not None:
+            probe_ids = list(self.tokenizer(self.probe, add_special_tokens=False)["input_ids"])
+            if self.config.kept_tokens(len(ctx_ids), window=len(probe_ids)) >= len(ctx_ids):
+                probe_ids = []  # the context fits its budget: nothing to select, no probe needed
+        self._engine = EngineContext(self.model, self.tokenizer, self.config, ctx_ids, probe_ids)
+        self.context_tokens, self.prefill_s, self.stats = len(ctx_ids), self._engine.prefill_s, self._engine.stats
+        self._snap = None
+        return self
+
+    def _ask_engine(self, question: str, max_new_tokens: int) -> Answer:
+        if self._engine is None:
+            raise RuntimeError("use ContextCache inside a `with` block")
+        _, q_ids = split_prompt(self.tokenizer, self.context, question, self.chat)
+        return self._engine.ask(q_ids, max_new_tokens, _eos_ids(self.model, self.tokenizer))
 
     def _probe_ids(self, context_tokens: int) -> list[int]:
         """The probe's token ids, with the session set to keep the budget of context tokens plus them."""
@@ -262,6 +314,8 @@ class ContextCache:
 
     def ask(self, question: str, max_new_tokens: int = 32) -> Answer:
         """Answer one question against the compressed context, then roll the cache back."""
+        if self.backend == "engine":
+            return self._ask_engine(question, max_new_tokens)
         if self._snap is None:
             raise RuntimeError("use ContextCache inside a `with` block")
         ctx_ids, q_ids = split_prompt(self.tokenizer, self.context, question, self.chat)

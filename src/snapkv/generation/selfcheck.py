@@ -24,14 +24,13 @@ from snapkv.generation.adapter import model_type
 if TYPE_CHECKING:
     from snapkv.generation.generate import Engine
 
-#: Largest relative logit error accepted, per dtype. fp32: rounding is ~1e-6 on CPU (measured
-#: on the tiny models, tests/test_engine_equality.py); bf16/fp16 kernels (cuDNN/flash
-#: prefill, fused decode) differ from transformers' by up to a few 1e-3 on CPU (measured,
-#: tests/test_engine_equality.py::test_self_check_errors_are_far_below_tolerance): 3e-2
-#: leaves margin and stays far below a different forward's error (>= 0.1 on every
-#: repro case).
+#: Largest relative logit error accepted, per dtype, from measurement (CPU, tiny models of
+#: llama/mistral/qwen2/qwen3, 2 layers, peaked attention): fp32 <= 1.6e-6, fp16 <= 2.3e-3,
+#: bf16 <= 1.5e-2 (bf16 keeps 8 mantissa bits; the engine's decode rounds differently from
+#: transformers'). A different forward measured 0.12-0.17 (SmolLM3 NoPE layers), 1.3-1.5
+#: (OLMo clip_qkv) and 8.2-8.5 (Granite multipliers), so bf16's 6e-2 sits between the two.
 TOLERANCE: dict[torch.dtype, float] = {torch.float32: 1e-4, torch.float64: 1e-8,
-                                       torch.bfloat16: 3e-2, torch.float16: 3e-2}
+                                       torch.bfloat16: 6e-2, torch.float16: 3e-2}
 
 PROMPT_TOKENS = 12
 DECODE_STEPS = 3
@@ -74,10 +73,16 @@ def self_check(engine: Engine) -> float:
     done = _PASSED.get(parts.model)
     if done is not None and key in done:
         return done[key]
-    tol = TOLERANCE.get(parts.dtype, 3e-2)
-    err = max(engine_errors(engine))
+    tol = TOLERANCE.get(parts.dtype, 6e-2)
+    kind = model_type(parts.model)
+    try:
+        err = max(engine_errors(engine))
+    except (RuntimeError, TypeError, AttributeError) as failure:  # the engine cannot even run it
+        if isinstance(failure, torch.OutOfMemoryError):
+            raise
+        raise ValueError(f"the engine fails on model type {kind!r} ({type(parts.model).__name__}) in its "
+                         f"self-check: {type(failure).__name__}: {failure}") from failure
     if not err <= tol:  # NaN fails too
-        kind = model_type(parts.model)
         raise ValueError(
             f"the engine does not compute model type {kind!r} ({type(parts.model).__name__}) like its own forward: "
             f"relative logit error {err:.3g} > {tol:g} ({str(parts.dtype).removeprefix('torch.')}) on a "

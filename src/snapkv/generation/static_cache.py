@@ -158,6 +158,56 @@ class StaticKVCache:
         self.prompt_lengths[row] = length
         self.positions[row] = length
 
+    @torch.inference_mode()
+    def drop_prompt_tail(self, row: int, count: int) -> None:
+        """Remove the last ``count`` kept prompt tokens of ``row`` in every layer and head.
+
+        For a probe that voted as the observation window and must then leave the cache: the
+        remaining kept tokens move right by ``count`` so they stay right-aligned (the decode
+        kernel's contiguous view stays valid), and the row's next position is its prompt
+        length minus ``count``. Only before any decode step.
+        """
+        if self.host_pos != self.prompt_slots:
+            raise RuntimeError("drop_prompt_tail() runs before decoding (rewind to the prompt's end first)")
+        kept = self.lengths[:, row]  # [L, Hkv]: the prompt's kept tokens (nothing decoded yet)
+        if isinstance(count, bool) or not isinstance(count, int) or not 0 < count < int(kept.min()):
+            raise ValueError(f"count must be an integer in [1, {int(kept.min()) - 1}] (fewer than every head "
+                             f"keeps), got {count!r}")
+        p = self.prompt_slots
+        src = (torch.arange(p, device=self.keys.device) - count).clamp_min(0)  # slot s takes slot s - count
+        for t in (self.keys, self.values):
+            t[:, row, :, :p] = t[:, row, :, :p].index_select(2, src)
+        self.first[:, row] += count
+        slot = torch.arange(p, device=self.keys.device)
+        self.bias[:, row, :, :p] = torch.where(slot >= self.first[:, row, :, None], 0.0, float("-inf"))
+        self.starts[:, row] = self._base[row] + self.first[:, row].to(self._base)
+        self.lengths[:, row] = (p - self.first[:, row]).to(self.lengths)
+        for layer in range(self.num_layers):
+            self.kept[layer][row] -= count
+        self.set_prompt_length(row, self.prompt_lengths[row] - count)
+
+    @torch.inference_mode()
+    def copy_prompt_from(self, other: StaticKVCache) -> None:
+        """Hold ``other``'s kept prompt (same layers, rows, heads and prompt slots), nothing decoded.
+
+        To move a prefilled prompt into a cache with more room for new tokens.
+        """
+        if other.host_pos != other.prompt_slots:
+            raise RuntimeError("copy_prompt_from() copies a cache with nothing decoded (rewind it first)")
+        same = other.keys.shape[:3] == self.keys.shape[:3] and other.keys.shape[-1] == self.keys.shape[-1]
+        if not same or other.prompt_slots != self.prompt_slots:
+            raise ValueError("copy_prompt_from() needs the same layers, rows, heads, head_dim and prompt slots")
+        p = self.prompt_slots
+        for mine, theirs in ((self.keys, other.keys), (self.values, other.values)):
+            mine[..., :p, :].copy_(theirs[..., :p, :])
+        self.bias[..., :p].copy_(other.bias[..., :p])
+        self.first.copy_(other.first)
+        self.starts.copy_(self._base + self.first.to(self._base))
+        self.lengths.copy_(other.lengths)
+        self.positions.copy_(other.positions)
+        self.prompt_lengths = list(other.prompt_lengths)
+        self.kept = [list(k) for k in other.kept]
+
     # -- decoding (capturable: no host sync, fixed shapes) ------------------------------------
     def open_slot(self) -> None:
         """Unmask slot ``write_pos`` in every layer and row: the new token attends to itself."""
