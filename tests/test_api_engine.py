@@ -1,0 +1,98 @@
+"""answer() and ContextCache on both backends (tiny models, a character tokenizer), and the API benchmark.
+
+The engine and the transformers path must give the same tokens for the same settings; the
+result names the backend that ran; ``backend="engine"`` on a model it cannot run raises.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from snapkv import SnapKVConfig
+from snapkv.api import ContextCache, answer
+from snapkv.bench import api_bench
+from snapkv.bench.api_bench import char_tokenizer, random_context
+from snapkv.generation.answer import resolve_backend
+from tiny_models import tiny_model
+
+CFG = SnapKVConfig(budget=40, window=8, kernel=5, pooling="avg")
+QUESTION = "\nWhat is the key? "
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return char_tokenizer()
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_answer_is_the_same_on_both_backends(tok, compress):
+    model = tiny_model("llama")
+    ctx = random_context(150)
+    out = {b: answer(model, tok, ctx, QUESTION, CFG, chat=False, max_new_tokens=6, backend=b, compress=compress)
+           for b in ("engine", "transformers", "auto")}
+    assert out["engine"].backend == "engine" and out["transformers"].backend == "transformers"
+    assert out["auto"].backend == "engine"  # auto includes CPU (measured: see generation/answer.py)
+    e, t = out["engine"], out["transformers"]
+    assert e.tokens == t.tokens and e.text == t.text
+    assert (e.prompt_tokens, e.kept_tokens, e.kv_bytes_full, e.kv_bytes_kept) == (
+        t.prompt_tokens, t.kept_tokens, t.kv_bytes_full, t.kv_bytes_kept)
+    assert [s.kept_tokens for s in e.layers] == [s.kept_tokens for s in t.layers]
+
+
+@pytest.mark.parametrize("probe", [None, "\nList the keys."])
+def test_context_cache_is_the_same_on_both_backends(tok, probe):
+    model = tiny_model("qwen2")
+    ctx = random_context(160, seed=3)
+    answers = {}
+    for backend in ("engine", "transformers"):
+        with ContextCache(model, tok, ctx, CFG, chat=False, probe=probe, backend=backend) as doc:
+            assert doc.backend == backend
+            answers[backend] = [doc.ask(q, max_new_tokens=5) for q in (QUESTION, "\nAnd the name?", QUESTION)]
+    e, t = answers["engine"], answers["transformers"]
+    assert [a.tokens for a in e] == [a.tokens for a in t]
+    assert e[0].tokens == e[2].tokens  # rolled back: the same question, the same answer
+    assert all(a.backend == "engine" for a in e)
+    assert e[0].kept_tokens == t[0].kept_tokens == 40
+    assert e[0].kv_bytes_kept == t[0].kv_bytes_kept
+
+
+def test_context_cache_grows_room_for_long_answers(tok):
+    model = tiny_model("llama")
+    ctx = random_context(120, seed=5)
+    with ContextCache(model, tok, ctx, CFG, chat=False, backend="engine") as doc:
+        short = doc.ask(QUESTION, max_new_tokens=3)
+        doc._engine.cache.capacity = doc._engine.cache.prompt_slots + 4  # pretend the room is small
+        long = doc.ask(QUESTION, max_new_tokens=8)
+    assert long.tokens[:3] == short.tokens and len(long.tokens) == 8
+
+
+def test_backend_choice_is_explicit(tok):
+    model = tiny_model("mixtral")
+    with pytest.raises(ValueError, match="backend='engine'.*model type 'mixtral'.*llama, mistral, qwen2, qwen3"):
+        answer(model, tok, random_context(60), QUESTION, CFG, chat=False, backend="engine")
+    with pytest.raises(ValueError, match="backend='engine'.*mixtral"):
+        ContextCache(model, tok, random_context(60), CFG, chat=False, backend="engine")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        answer(model, tok, random_context(60), QUESTION, CFG, chat=False, backend="fast")
+    assert resolve_backend(model, "auto") == "transformers"
+    res = answer(model, tok, random_context(60), QUESTION, CFG, chat=False, max_new_tokens=2)
+    assert res.backend == "transformers"
+
+
+def test_api_bench_cpu_smoke(tmp_path):
+    parser = argparse.ArgumentParser()
+    api_bench.add_arguments(parser)
+    args = parser.parse_args(["--model", "tiny-llama", "--device", "cpu", "--lengths", "300", "--budget", "64",
+                              "--new-tokens", "4", "--steps", "3", "--out", str(tmp_path)])
+    assert api_bench.run(args) == 0
+    data = json.loads((tmp_path / "api_bench.json").read_text())
+    rows = {r["row"]: r for r in data["results"]}
+    assert set(rows) == set(api_bench.ROWS)
+    assert all(r["status"] == "ok" and r["ttft_s"] > 0 and r["decode_ms"] > 0 for r in rows.values())
+    assert rows["answer/auto"]["backend"] == rows["context/auto"]["backend"] == "engine"
+    assert rows["answer/transformers"]["backend"] == "transformers"
+    assert rows["answer/auto"]["kept_tokens"] == 64
+    assert "| answer/auto | engine | 300 | ok |" in (tmp_path / "api_bench.md").read_text()
