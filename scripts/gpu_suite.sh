@@ -11,6 +11,9 @@
 # 2-8 at 16K, ablations) runs as a second call of this script:
 #   STAGES="env sweep" SWEEP_ARGS="--preset gpu --part 2" SWEEP_BUDGET_S=480 bash scripts/gpu_suite.sh
 # and `python -m snapkv.bench.runner --merge part1/bench.json part2/bench.json --out DIR` joins them.
+# The documented API (answer(), ContextCache.ask(), backend auto and transformers) against the engine,
+# Llama-3-8B shape, random bf16 weights, 32K and 128K (its own call, about 5 minutes):
+#   STAGES="env api" bash scripts/gpu_suite.sh      -> $OUT/api/api_bench.{json,md}
 # Head-adaptive budgets (ragged cache; about 4 minutes, its own call):
 #   STAGES="env ragged" bash scripts/gpu_suite.sh      -> $OUT/ragged/{layer,engine,hf_model}.json
 set -u -o pipefail
@@ -60,6 +63,13 @@ if [[ " $STAGES " == *" ragged "* ]]; then
     --out "$OUT/ragged/engine.json" || status=1
   timeout 300 "$PY" scripts/bench_ragged.py --skip-layer --model-prompts 8192 32768 65536 --model-budgets 1024 2048 \
     --model-new-tokens 128 --out "$OUT/ragged/hf_model.json" || status=1
+fi
+
+if [[ " $STAGES " == *" api "* ]]; then
+  stage "api: answer()/ContextCache (auto, transformers) vs the engine, llama3-8b shape, 32K and 128K"
+  mkdir -p "$OUT/api"
+  timeout "${API_TIMEOUT_S:-540}" "$PY" -m snapkv.bench.api_bench --model llama3-8b --lengths 32K,128K --budget 2048 \
+    --new-tokens 64 --time-budget "${API_BUDGET_S:-420}" --out "$OUT/api" || status=1
 fi
 
 if [[ " $STAGES " == *" sweep "* ]]; then

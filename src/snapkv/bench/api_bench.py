@@ -41,11 +41,12 @@ QUESTION = "\nWhat is the key? "  # shorter than the window: the window does not
 ROWS: tuple[str, ...] = ("engine", "answer/auto", "answer/transformers", "context/auto", "context/transformers")
 
 
-def char_tokenizer() -> Any:
+def char_tokenizer(size: int = 0) -> Any:
     """A fast tokenizer with one token per printable ASCII character (ids 4..), eos ``</s>`` = 2.
 
     Built with ``tokenizers`` (no download); offsets, ``decode`` and specials behave as a real
-    tokenizer's, so :func:`snapkv.api.split_prompt` works on it unchanged.
+    tokenizer's, so :func:`snapkv.api.split_prompt` works on it unchanged. ``size`` above 101
+    adds Latin-1 and further characters so that ids up to ``size - 1`` each decode to one character.
     """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -54,6 +55,10 @@ def char_tokenizer() -> Any:
     for ch in string.printable:
         if ch not in "\r\x0b\x0c":
             vocab[ch] = len(vocab)
+    extra = 0x00C0
+    while len(vocab) < size:
+        vocab[chr(extra)] = len(vocab)
+        extra += 1
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
@@ -170,6 +175,11 @@ def run(args: argparse.Namespace) -> int:
     for kind in args.rows:
         measure_row(kind, model, tok, min(2048, min(args.lengths)), min(args.budget, 1024), 4, opts)
     meta["warmup_s"] = time.perf_counter() - t0
+    from snapkv.generation import Engine
+    from snapkv.generation.answer import engine_refusal
+
+    if engine_refusal(model) is None:  # the self-check's error on this model and dtype (tolerance margin)
+        meta["self_check_error"] = Engine(model, None).self_check_error
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     for n in args.lengths:

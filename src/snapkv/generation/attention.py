@@ -38,6 +38,8 @@ def default_prefill_backend(device: torch.device) -> str:
 def causal_chunk_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) -> torch.Tensor:
     """Bottom-right causal attention, explicit mask: ``q [B, Hq, c, D]``, ``k, v [B, Hkv, S, D]``."""
     c, s = q.shape[-2], k.shape[-2]
+    if c == s:  # the square causal mask: torch's causal kernels (2x faster on CPU than a mask)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
     mask = torch.ones(c, s, dtype=torch.bool, device=q.device).tril(diagonal=s - c)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
 
