@@ -10,6 +10,7 @@ import argparse
 import json
 
 import pytest
+import torch
 
 from snapkv import SnapKVConfig
 from snapkv.api import ContextCache, answer
@@ -96,3 +97,18 @@ def test_api_bench_cpu_smoke(tmp_path):
     assert rows["answer/transformers"]["backend"] == "transformers"
     assert rows["answer/auto"]["kept_tokens"] == 64
     assert "| answer/auto | engine | 300 | ok |" in (tmp_path / "api_bench.md").read_text()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_backends_agree_with_graph_and_fused_kernels(tok):
+    model = tiny_model("llama").cuda()
+    ctx = random_context(150)
+    e, t = (answer(model, tok, ctx, QUESTION, CFG, chat=False, max_new_tokens=6, backend=b)
+            for b in ("auto", "transformers"))
+    assert e.backend == "engine" and e.tokens == t.tokens
+    answers = {}
+    for backend in ("engine", "transformers"):
+        with ContextCache(model, tok, ctx, CFG, chat=False, probe="\nList the keys.", backend=backend) as doc:
+            answers[backend] = [doc.ask(q, max_new_tokens=5).tokens for q in (QUESTION, "\nAnd?", QUESTION)]
+    assert answers["engine"] == answers["transformers"]

@@ -121,7 +121,10 @@ def test_stream_yields_what_generate_returns():
     ids, mask = _batch()
     ref = engine.generate(ids, mask, max_new_tokens=6, tokenizer=tok, eos_token_id=2)
     stream = engine.stream(ids, mask, max_new_tokens=6, tokenizer=tok, eos_token_id=2)
-    steps = list(stream)
+    steps = []
+    for step in stream:
+        assert not torch.is_inference_mode_enabled()  # the consumer's code runs in its own mode
+        steps.append(step)
     assert [s.step for s in steps] == list(range(6))
     assert [[s.tokens[r] for s in steps] for r in range(2)] == ref.tokens.tolist()
     assert ["".join(s.text[r] for s in steps) for r in range(2)] == ref.texts

@@ -338,20 +338,19 @@ class Engine:
         holder: dict[str, Any] = {}
 
         def steps() -> Iterator[StreamStep]:
-            with torch.inference_mode():
-                sync = _synchronizer(self.parts.device)
-                t0 = time.perf_counter()
-                cache, logits, stats = self.prefill(input_ids, attention_mask, max_new_tokens)
-                sync()
-                ttft = time.perf_counter() - t0
-                inner = self.decode(self.runner(cache), logits, max_new_tokens=max_new_tokens,
-                                    temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                                    eos_token_id=eos_token_id, stop=stop, tokenizer=tokenizer,
-                                    return_logits=return_logits)
-                yield from inner
-                out = inner.output
-                out.prefill, out.ttft_s = stats, ttft
-                holder["out"] = out
+            sync = _synchronizer(self.parts.device)
+            t0 = time.perf_counter()
+            cache, logits, stats = self.prefill(input_ids, attention_mask, max_new_tokens)  # inference mode
+            sync()
+            ttft = time.perf_counter() - t0
+            inner = self.decode(self.runner(cache), logits, max_new_tokens=max_new_tokens,
+                                temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                                eos_token_id=eos_token_id, stop=stop, tokenizer=tokenizer,
+                                return_logits=return_logits)
+            yield from inner
+            out = inner.output
+            out.prefill, out.ttft_s = stats, ttft
+            holder["out"] = out
 
         return Stream(steps(), lambda seen: holder["out"])
 

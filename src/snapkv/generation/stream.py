@@ -127,20 +127,22 @@ def decode_stream(
     eos_set = set(eos)
     texts = [RowText(tokenizer, stop) for _ in range(b)] if tokenizer is not None else None
     finished: list[str | None] = [None] * b
-    tok = sample_with(logits, params, gen)
-    if on_logits is not None:
-        on_logits(logits)
+    with torch.inference_mode():  # never across a yield: the consumer runs outside it
+        tok = sample_with(logits, params, gen)
+        if on_logits is not None:
+            on_logits(logits)
     for step in range(max_new_tokens):
-        cur = tok.clone()
-        if step + 1 < max_new_tokens:  # launch the next position before reading this one
-            runner.feed(cur)
-            runner.step()
-            if params.greedy:
-                tok = runner.next_tokens
-            else:
-                tok = sample_with(runner.logits, params, gen)
-            if on_logits is not None:
-                on_logits(runner.logits)
+        with torch.inference_mode():
+            cur = tok.clone()
+            if step + 1 < max_new_tokens:  # launch the next position before reading this one
+                runner.feed(cur)
+                runner.step()
+                if params.greedy:
+                    tok = runner.next_tokens
+                else:
+                    tok = sample_with(runner.logits, params, gen)
+                if on_logits is not None:
+                    on_logits(runner.logits)
         host = cur.tolist()
         out = StreamStep(step, [None] * b, [""] * b, [None] * b)
         for r in range(b):
