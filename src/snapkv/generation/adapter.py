@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
+    from snapkv.config import SnapKVConfig
     from snapkv.generation.static_cache import StaticKVCache
 
 #: ``model_type`` -> ``"module:attribute.path"`` of the factory building its layer runner
@@ -210,6 +211,16 @@ class DecoderParts:
         return apply_rope(k.transpose(1, 2), cos, sin), v
 
     # -- the runner interface the engine calls (a family's runner overrides these) ------------
+    def kept_per_layer(self, config: SnapKVConfig | None, length: int, profile: str = "uniform") -> list[int]:
+        """Prompt tokens each layer keeps of a ``length``-token prompt (every layer is compressed)."""
+        from snapkv.generation.prefill import kept_per_layer
+
+        return kept_per_layer(config, length, self.num_layers, profile)
+
+    def prompt_slots(self, config: SnapKVConfig | None, length: int, profile: str = "uniform") -> int:
+        """Cache slots one prompt of ``length`` tokens needs (its largest layer)."""
+        return max(self.kept_per_layer(config, length, profile))
+
     def make_cache(self, batch: int, prompt_slots: int, max_new_tokens: int) -> StaticKVCache:
         """An empty static cache for ``batch`` rows of this model."""
         from snapkv.generation.static_cache import StaticKVCache

@@ -26,7 +26,7 @@ from snapkv.generation.adapter import runner_for
 from snapkv.generation.attention import PREFILL_BACKENDS, default_prefill_backend
 from snapkv.generation.decode import DecodeRunner
 from snapkv.generation.memory import NotEnoughMemoryError, check_fits
-from snapkv.generation.prefill import PrefillStats, kept_per_layer, prefill
+from snapkv.generation.prefill import PrefillStats, prefill
 from snapkv.generation.sampling import SamplingParams
 from snapkv.generation.selfcheck import self_check as run_self_check
 from snapkv.generation.static_cache import StaticKVCache
@@ -150,8 +150,7 @@ class Engine:
     # -- planning --------------------------------------------------------------------------------
     def prompt_slots(self, length: int, compress: bool = True) -> int:
         """Cache slots one prompt of ``length`` tokens needs (its largest layer budget)."""
-        config = self.config if compress else None
-        return max(kept_per_layer(config, length, self.parts.num_layers, self.layer_profile))
+        return self.parts.prompt_slots(self.config if compress else None, length, self.layer_profile)
 
     def new_cache(self, lengths: list[int], max_new_tokens: int, compress: bool = True) -> StaticKVCache:
         """A static cache for rows of these prompt lengths, after checking that everything fits.

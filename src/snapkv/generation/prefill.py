@@ -252,7 +252,7 @@ def prefill(
     kept_all = []
     for row, ids in enumerate(rows):
         n = ids.numel()
-        kept = kept_per_layer(config, n, parts.num_layers, layer_profile)
+        kept = parts.kept_per_layer(config, n, layer_profile)
         kept_all.append(kept)
         logits.append(
             parts.prefill_row(ids, cache, row, kept=kept, method=method, window=window, chunk=chunk, backend=backend,
