@@ -290,6 +290,7 @@ class ContextCache:
             if self.config.kept_tokens(len(ctx_ids), window=len(probe_ids)) >= len(ctx_ids):
                 probe_ids = []  # the context fits its budget: nothing to select, no probe needed
         self._engine = EngineContext(self.model, self.tokenizer, self.config, ctx_ids, probe_ids)
+        self._engine_ctx_ids = ctx_ids
         self.context_tokens, self.prefill_s, self.stats = len(ctx_ids), self._engine.prefill_s, self._engine.stats
         self._snap = None
         return self
@@ -297,7 +298,10 @@ class ContextCache:
     def _ask_engine(self, question: str, max_new_tokens: int) -> Answer:
         if self._engine is None:
             raise RuntimeError("use ContextCache inside a `with` block")
-        _, q_ids = split_prompt(self.tokenizer, self.context, question, self.chat)
+        ctx_ids, q_ids = split_prompt(self.tokenizer, self.context, question, self.chat)
+        if ctx_ids != self._engine_ctx_ids:  # the compressed context must be a prefix of this prompt's tokens
+            raise ValueError(f"question {question[:40]!r} changes how the context's last tokens are tokenized; "
+                             "the compressed context is not a prefix of this prompt's tokens")
         return self._engine.ask(q_ids, max_new_tokens, _eos_ids(self.model, self.tokenizer))
 
     def _probe_ids(self, context_tokens: int) -> list[int]:

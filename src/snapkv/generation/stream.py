@@ -2,8 +2,9 @@
 
 :func:`decode_stream` drives a :class:`~snapkv.generation.decode.DecodeRunner` from the logits
 of the last fed position and yields one :class:`StreamStep` per generated position. The next
-step is launched before the host reads the current tokens, so the device never waits for the
-host's bookkeeping (one step may be computed past the end and discarded).
+step is launched before the host reads the current tokens (copied to pinned memory ahead of
+it), so the device runs the next step while the host does its bookkeeping (one step may be
+computed past the end and discarded).
 
 Stop strings are matched on decoded text at the host, as OpenAI's API does: the output is cut
 before the stop string, and text that could still grow into one is held back until it cannot.
@@ -131,11 +132,17 @@ def decode_stream(
         tok = sample_with(logits, params, gen)
         if on_logits is not None:
             on_logits(logits)
+    cuda = device.type == "cuda"
+    with torch.inference_mode(False):
+        host_buf = torch.empty(b, dtype=torch.long, pin_memory=cuda)  # this step's tokens, for the host
     for step in range(max_new_tokens):
         with torch.inference_mode():
-            cur = tok.clone()
+            host_buf.copy_(tok, non_blocking=cuda)  # queued before the next step: not held up by it
+            ready = torch.cuda.Event() if cuda else None
+            if ready is not None:
+                ready.record()
             if step + 1 < max_new_tokens:  # launch the next position before reading this one
-                runner.feed(cur)
+                runner.feed(tok)
                 runner.step()
                 if params.greedy:
                     tok = runner.next_tokens
@@ -143,7 +150,9 @@ def decode_stream(
                     tok = sample_with(runner.logits, params, gen)
                 if on_logits is not None:
                     on_logits(runner.logits)
-        host = cur.tolist()
+        if ready is not None:
+            ready.synchronize()  # only the copy; the next step keeps running
+        host = host_buf.tolist()
         out = StreamStep(step, [None] * b, [""] * b, [None] * b)
         for r in range(b):
             if finished[r] is not None:
