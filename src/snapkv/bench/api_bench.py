@@ -119,6 +119,8 @@ def measure_row(kind: str, model: torch.nn.Module, tok: Any, n: int, budget: int
         row.update(status="oom", message=str(err).splitlines()[0][:300])
     except MemoryError as err:  # the engine's NotEnoughMemoryError, predicted before the prefill
         row.update(status="oom", message=str(err)[:300])
+    except Exception as err:  # a broken row must not lose the others (e.g. a failed self-check)
+        row.update(status="error", message=f"{type(err).__name__}: {err}"[:500])
     row["peak_gib"] = _peak(device)
     row["wall_s"] = time.perf_counter() - t0
     _reset(device)
@@ -179,7 +181,10 @@ def run(args: argparse.Namespace) -> int:
     from snapkv.generation.answer import engine_refusal
 
     if engine_refusal(model) is None:  # the self-check's error on this model and dtype (tolerance margin)
-        meta["self_check_error"] = Engine(model, None).self_check_error
+        try:
+            meta["self_check_error"] = Engine(model, None).self_check_error
+        except ValueError as err:
+            meta["self_check_error"] = str(err)
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     for n in args.lengths:
