@@ -70,7 +70,7 @@ def test_context_cache_answers_many_questions_and_rolls_back(smollm2):
     rng = random.Random(3)
     key = rng.randrange(10000, 99999)
     ctx = passkey_context(tok, 1500, 0.4, key)
-    with ContextCache(model, tok, ctx, SnapKVConfig(budget=256), chat=False) as doc:
+    with ContextCache(model, tok, ctx, SnapKVConfig(budget=256), chat=False, backend="transformers") as doc:
         first = doc.ask(QUESTION, max_new_tokens=6)
         other = doc.ask("What color is the sky? The sky is", max_new_tokens=4)
         again = doc.ask(QUESTION, max_new_tokens=6)
@@ -117,7 +117,7 @@ def test_context_cache_probe_votes_then_leaves_the_cache(smollm2):
     config = SnapKVConfig(budget=128)
     with ContextCache(model, tok, ctx, config, chat=False) as doc:
         plain = doc.ask(QUESTION, max_new_tokens=6)
-    with ContextCache(model, tok, ctx, config, chat=False, probe=True) as doc:
+    with ContextCache(model, tok, ctx, config, chat=False, probe=True, backend="transformers") as doc:
         probed = doc.ask(QUESTION, max_new_tokens=6)
         again = doc.ask(QUESTION, max_new_tokens=6)
         for layer in doc.cache.layers:  # exactly the budget of context tokens, none of the probe

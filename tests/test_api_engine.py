@@ -112,3 +112,19 @@ def test_gpu_backends_agree_with_graph_and_fused_kernels(tok):
         with ContextCache(model, tok, ctx, CFG, chat=False, probe="\nList the keys.", backend=backend) as doc:
             answers[backend] = [doc.ask(q, max_new_tokens=5).tokens for q in (QUESTION, "\nAnd?", QUESTION)]
     assert answers["engine"] == answers["transformers"]
+
+
+def test_real_model_probe_on_the_engine():
+    """SmolLM2: the probe finds the passkey through the engine's context-only cache, as on transformers."""
+    from snapkv.demo import QUESTION as PASSKEY_QUESTION
+    from snapkv.demo import passkey_context
+    from snapkv.models import load_model
+
+    model, tok = load_model("smollm2")
+    key = 40917
+    ctx = passkey_context(tok, 1500, 0.4, key)
+    with ContextCache(model, tok, ctx, SnapKVConfig(budget=128), chat=False, probe=True, backend="auto") as doc:
+        probed = doc.ask(PASSKEY_QUESTION, max_new_tokens=6)
+        assert doc._engine.cache.kept[0] == [128] and doc._engine.cache.prompt_lengths == [doc.context_tokens]
+    assert probed.backend == "engine" and probed.kept_tokens == 128
+    assert str(key) in probed.text

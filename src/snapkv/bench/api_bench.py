@@ -174,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"# {meta['device']} | {description} | torch {meta['torch']} | transformers {meta['transformers']}",
           flush=True)
     t0 = time.perf_counter()  # warm-up (discarded): Triton JIT, cuBLAS/cuDNN handles, the self-check
-    for kind in args.rows:
+    for kind in args.rows if device.type == "cuda" else ():
         measure_row(kind, model, tok, min(2048, min(args.lengths)), min(args.budget, 1024), 4, opts)
     meta["warmup_s"] = time.perf_counter() - t0
     from snapkv.generation import Engine
