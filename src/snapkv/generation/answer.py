@@ -27,9 +27,12 @@ from snapkv.generation.static_cache import StaticKVCache
 
 BACKENDS: tuple[str, ...] = ("auto", "engine", "transformers")
 
-#: Device types on which ``backend="auto"`` picks the engine. CPU is included: on SmolLM2 with a
-#: ~2K-token prompt the engine measured faster than the transformers path on this project's
-#: 2-core CPU (see the engine report in docs and tests/test_api_engine.py's note).
+#: Device types on which ``backend="auto"`` picks the engine. CPU is included because the engine
+#: was not slower there. Measured 2026-11-30, SmolLM2-135M fp32, answer()'s 2,037-token prompt,
+#: budget 512, on a shared 2-core CPU (load ~11, so process CPU time, interleaved runs, medians):
+#: OMP_NUM_THREADS=1: prefill 8.7 s engine vs 10.3 s transformers; decode 80 vs 95 ms/token.
+#: 2 threads: prefill 18.1 vs 18.9 CPU s (wall 42 vs 55 s); decode inconclusive (604 vs 517
+#: CPU ms/token, dominated by OpenMP spin-waiting under that load).
 AUTO_DEVICES: tuple[str, ...] = ("cuda", "cpu")
 
 #: New-token slots a context-only cache allocates at first (question plus answer); a longer
