@@ -6,8 +6,14 @@ Example::
     out = engine.generate(input_ids, attention_mask, max_new_tokens=64)
     out.tokens  # [B, 64]
 
-Left-padded batches are accepted: each row is prefilled on its own real tokens (positions
-``0 .. n_b - 1``) and decodes from position ``n_b``, as transformers' ``generate`` does.
+    stream = engine.stream(input_ids, max_new_tokens=64, temperature=0.7, top_p=0.9, seed=1,
+                           eos_token_id=[2, 7], stop=["\n\n"], tokenizer=tok)
+    for step in stream:  # one StreamStep per position: step.tokens, step.text, step.finished
+        print(step.text[0], end="")
+    stream.output.finish_reasons  # ["stop"] or ["length"]
+
+Batches padded on either side are accepted: each row is prefilled on its own real tokens
+(positions ``0 .. n_b - 1``) and decodes from position ``n_b``, as transformers' ``generate`` does.
 """
 
 from __future__ import annotations
