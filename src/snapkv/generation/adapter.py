@@ -119,12 +119,6 @@ class DecoderParts:
     def from_model(cls, model: torch.nn.Module) -> DecoderParts:
         """Check that ``model`` is an admitted Llama-family type with full attention everywhere."""
         text = _text_config(model)
-        kind = model_type(model)
-        if kind not in LLAMA_TYPES:
-            raise ValueError(
-                f"model type {kind!r} ({type(model).__name__}) is not one the hand-wired Llama path computes "
-                f"exactly; it admits {', '.join(LLAMA_TYPES)}"
-            )
         inner = getattr(model, "model", None)
         needed = ("embed_tokens", "layers", "norm", "rotary_emb")
         if inner is None or not all(hasattr(inner, n) for n in needed) or not hasattr(model, "lm_head"):
@@ -152,6 +146,12 @@ class DecoderParts:
             raise ValueError(f"RoPE type {rope_type!r} is not supported by the engine; supported: {STATIC_ROPE_TYPES}")
         if getattr(text, "attn_logit_softcapping", None) or getattr(text, "final_logit_softcapping", None):
             raise ValueError("soft-capped attention or logits are not supported by the engine")
+        kind = model_type(model)
+        if kind not in LLAMA_TYPES:
+            raise ValueError(
+                f"model type {kind!r} ({type(model).__name__}) is not one the hand-wired Llama path computes "
+                f"exactly; it admits {', '.join(LLAMA_TYPES)}"
+            )
         attn0 = inner.layers[0].self_attn
         head_dim = attn0.head_dim
         return cls(
