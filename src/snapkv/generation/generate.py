@@ -24,6 +24,8 @@ from snapkv.generation.adapter import DecoderParts
 from snapkv.generation.attention import PREFILL_BACKENDS, default_prefill_backend
 from snapkv.generation.decode import DecodeRunner, sample
 from snapkv.generation.memory import NotEnoughMemoryError, check_fits
+from snapkv.generation.own_layers import OwnLayers, uses_own_layers
+from snapkv.generation.own_run import OwnDecodeRunner, own_prefill
 from snapkv.generation.prefill import PrefillStats, kept_per_layer, prefill
 from snapkv.generation.static_cache import StaticKVCache
 from snapkv.methods.base import Method
@@ -84,6 +86,9 @@ class Engine:
         use_graph: capture the decode step as a CUDA graph (default: on CUDA).
         fused: fused decode kernels (default: on CUDA when the model allows, see
             :mod:`snapkv.generation.fused`).
+        own_layers: run the model's own decoder layers (:mod:`snapkv.generation.own_layers`)
+            instead of the hand-wired Llama layout; default: for the model types that need it
+            (Gemma 2, Gemma 3, Phi-3). ``True`` on a Llama-family model gives the reference twin.
     """
 
     def __init__(
@@ -98,12 +103,16 @@ class Engine:
         whole_layer_bytes: int | None = None,
         use_graph: bool | None = None,
         fused: bool | None = None,
+        own_layers: bool | None = None,
     ) -> None:
         if layer_profile not in PROFILES:
             raise ValueError(f"layer_profile must be one of {PROFILES}, got {layer_profile!r}")
         if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be an integer >= 1, got {prefill_chunk!r}")
-        self.parts = DecoderParts.from_model(model)
+        self.own = uses_own_layers(model) if own_layers is None else bool(own_layers)
+        self.parts = OwnLayers.from_model(model) if self.own else DecoderParts.from_model(model)
+        if self.own and fused:
+            raise ValueError("fused=True runs the hand-wired Llama layout; own_layers runs the model's own layers")
         self.config = config
         if method is None:
             c = config or SnapKVConfig()
@@ -124,6 +133,8 @@ class Engine:
     # -- planning --------------------------------------------------------------------------------
     def prompt_slots(self, length: int) -> int:
         """Cache slots one prompt of ``length`` tokens needs (its largest layer budget)."""
+        if self.own:
+            return self.parts.prompt_slots(self.config, length, self.layer_profile)
         return max(kept_per_layer(self.config, length, self.parts.num_layers, self.layer_profile))
 
     def new_cache(self, lengths: list[int], max_new_tokens: int) -> StaticKVCache:
@@ -150,7 +161,8 @@ class Engine:
 
     def runner(self, cache: StaticKVCache, temperature: float = 0.0) -> DecodeRunner:
         """A decode runner over ``cache`` with this engine's graph and fused-kernel settings."""
-        return DecodeRunner(self.parts, cache, use_graph=self.use_graph, temperature=temperature, fused=self.fused)
+        runner = OwnDecodeRunner if self.own else DecodeRunner
+        return runner(self.parts, cache, use_graph=self.use_graph, temperature=temperature, fused=self.fused)
 
     # -- the two phases --------------------------------------------------------------------------
     @torch.inference_mode()
@@ -171,7 +183,9 @@ class Engine:
         oom = None
         try:
             cache = self.new_cache(lengths, max_new_tokens)  # raises before allocating if it cannot fit
-            logits, stats = prefill(
+            run = own_prefill if self.own else prefill
+            extra = {} if self.own else {"whole_layer_bytes": self.whole_layer_bytes}
+            logits, stats = run(
                 self.parts,
                 rows,
                 cache,
@@ -181,7 +195,7 @@ class Engine:
                 chunk=self.prefill_chunk,
                 backend=self.backend,
                 num_layers=num_layers,
-                whole_layer_bytes=self.whole_layer_bytes,
+                **extra,
             )
         except torch.OutOfMemoryError as err:
             oom = str(err).splitlines()[0]

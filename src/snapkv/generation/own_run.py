@@ -1,0 +1,259 @@
+"""Prefill and decode through the model's own decoder layers (see :mod:`.own_layers`).
+
+Prefill, one row at a time and one layer at a time (one layer's full KV alive at a time):
+the layer's own forward runs on row chunks of the residual stream; our cache object
+(:class:`_PrefillKV`) collects the chunk's post-RoPE keys and values, and our attention
+function attends the chunk's queries to the keys so far (bottom-right causal, the layer's
+window and soft-cap) and keeps the observation window's queries as they pass. After the last
+chunk the layer is scored and selected with the project's method (full layers; a sliding
+layer keeps its last ``window - 1`` tokens, all that its next query can see), written into the
+static cache, and its full KV freed.
+
+Decode: each layer's own forward on one token per row; our cache object
+(:class:`_StaticLayer`) writes the new K/V into slot ``write_pos`` with ``index_copy_`` and
+returns the layer's whole buffers; our attention function attends over them with the cache's
+bias (and, for sliding layers, a window mask computed from ``write_pos`` on the device: a
+row's slot minus its position is the same for every token of the row, so the window is the
+same slot range for all rows). Fixed shapes, no host sync: :class:`OwnDecodeRunner`
+captures the step as a CUDA graph like :class:`~snapkv.generation.decode.DecodeRunner`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from snapkv.config import SnapKVConfig
+from snapkv.generation.attention import decode_attention
+from snapkv.generation.decode import DecodeRunner, sample
+from snapkv.generation.own_attention import (
+    AttentionSettings,
+    attention_settings,
+    chunk_attention,
+    decode_attention_capped,
+)
+from snapkv.generation.own_layers import OwnLayers, own_attention
+from snapkv.generation.prefill import PhaseTimer, PrefillStats, select_layer
+from snapkv.generation.static_cache import StaticKVCache
+from snapkv.methods.base import Method, ScoreInputs
+
+
+def _check_kind(parts: OwnLayers, li: int, settings: AttentionSettings) -> None:
+    """The layer's own sliding window must be the one the engine planned the cache for."""
+    want = parts.sliding_window if parts.kinds[li] == "sliding" else None
+    if settings.sliding_window != want:
+        raise RuntimeError(
+            f"layer {li} attends with sliding_window={settings.sliding_window}, the engine planned {want}"
+        )
+
+
+# -- prefill ------------------------------------------------------------------------------------
+
+
+class _PrefillKV:
+    """The layer's cache during one row's prefill: collects K/V chunk by chunk.
+
+    Also the state our attention function reads: the observation window's queries and the
+    settings the layer attended with.
+    """
+
+    def __init__(self, parts: OwnLayers, li: int, n: int, window: int, ref: torch.Tensor, backend: str) -> None:
+        hkv, d = parts.num_kv_heads, parts.head_dim
+        self.parts, self.li, self.n, self.window, self.backend = parts, li, n, window, backend
+        self.keys = torch.empty((1, hkv, n, d), dtype=ref.dtype, device=ref.device)
+        self.values = torch.empty_like(self.keys)
+        self.filled = 0
+        self.q_win = (torch.empty((1, parts.num_heads, window, d), dtype=ref.dtype, device=ref.device)
+                      if window else None)
+        self.settings: AttentionSettings | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the chunk's ``[1, Hkv, c, D]`` K/V; return every key and value so far."""
+        if layer_idx != self.li:
+            raise RuntimeError(f"layer {layer_idx} updated the cache of layer {self.li}")
+        s, c = self.filled, key_states.shape[-2]
+        self.keys[:, :, s : s + c] = key_states
+        self.values[:, :, s : s + c] = value_states
+        self.filled = s + c
+        return self.keys[:, :, : s + c], self.values[:, :, : s + c]
+
+    def attend(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               kwargs: dict[str, Any]) -> torch.Tensor:
+        settings = attention_settings(module, kwargs)
+        _check_kind(self.parts, self.li, settings)
+        self.settings = settings
+        e, c, n, w = key.shape[-2], query.shape[-2], self.n, self.window
+        if self.q_win is not None and e > n - w:  # keep the window's queries as they pass
+            lo = max(e - c, n - w)
+            self.q_win[:, :, lo - (n - w) : e - (n - w)] = query[:, :, lo - (e - c) :]
+        out = chunk_attention(query, key, value, settings, self.backend)  # [1, Hq, c, D]
+        return out.transpose(1, 2)
+
+
+def _prefill_row(
+    parts: OwnLayers,
+    ids: torch.Tensor,
+    cache: StaticKVCache,
+    row: int,
+    kept: Sequence[int],
+    method: Method,
+    window: int,
+    chunk: int,
+    backend: str,
+    timer: PhaseTimer,
+    depth: int,
+    active: list,
+) -> torch.Tensor:
+    """Prefill one prompt ``ids [n]`` into ``cache`` row ``row``; returns its last logits ``[V]``."""
+    n = ids.numel()
+    positions = torch.arange(n, device=ids.device)[None]  # [1, n]
+    timer.start("embed")
+    x = parts.embed(ids[None])  # [1, n, H]: the residual stream, overwritten chunk by chunk
+    spans = [(s, min(n, s + chunk)) for s in range(0, n, chunk)]
+    for li in range(depth):
+        compress = parts.kinds[li] == "full" and kept[li] < n
+        w = min(window, n) if compress else 0
+        kv = _PrefillKV(parts, li, n, w, x, backend)
+        active[0] = kv
+        timer.start("layers")
+        for s, e in spans:
+            pe = parts.rope(x[:, s:e], positions[:, s:e])
+            x[:, s:e] = parts.run_layer(li, x[:, s:e], pe, positions[:, s:e], kv)
+        keys, values = kv.keys, kv.values
+        if compress:
+            timer.start("score")
+            st = kv.settings
+            inputs = ScoreInputs(kv.q_win, keys, None, w, st.scaling, st.softcap, li)
+            keys, values = select_layer(method, inputs, values, kept[li])
+        else:  # a sliding layer's last window - 1 tokens, or a full layer's whole prompt
+            keys, values = keys[:, :, n - kept[li] :], values[:, :, n - kept[li] :]
+        timer.start("cache")
+        cache.load(li, row, keys[0], values[0])
+        active[0] = None
+        del kv, keys, values  # this layer's full KV is gone before the next layer starts
+    timer.start("logits")
+    logits = parts.logits(x[:, -1:])[0, -1]  # [V]
+    timer.stop()
+    return logits
+
+
+def own_prefill(
+    parts: OwnLayers,
+    rows: Sequence[torch.Tensor],
+    cache: StaticKVCache,
+    *,
+    config: SnapKVConfig | None,
+    method: Method,
+    layer_profile: str = "uniform",
+    chunk: int = 8192,
+    backend: str = "ref",
+    num_layers: int | None = None,
+) -> tuple[torch.Tensor, PrefillStats]:
+    """Prefill every row into ``cache`` through the model's own layers; last logits ``[B, V]``.
+
+    Same contract as :func:`snapkv.generation.prefill.prefill` (one row at a time, no padding).
+    """
+    depth = parts.num_layers if num_layers is None else num_layers
+    window = config.window if config is not None else 1
+    timer = PhaseTimer(parts.device)
+    active: list[_PrefillKV | None] = [None]
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        if active[0] is None:
+            raise RuntimeError("the engine's prefill attention ran outside a prefill")
+        return active[0].attend(module, query, key, value, kwargs), None
+
+    logits, kept_all = [], []
+    with own_attention(parts.model, attention):
+        for row, ids in enumerate(rows):
+            kept = parts.kept_per_layer(config, ids.numel(), layer_profile)
+            kept_all.append(kept)
+            logits.append(_prefill_row(parts, ids, cache, row, kept, method, window, chunk, backend, timer,
+                                       depth, active))
+            cache.set_prompt_length(row, ids.numel())
+    stats = PrefillStats([r.numel() for r in rows], [list(k) for k in zip(*kept_all, strict=True)])
+    stats.phase_ms = timer.totals()
+    return torch.stack(logits), stats
+
+
+# -- decode -------------------------------------------------------------------------------------
+
+
+class _StaticLayer:
+    """One layer's view of the static cache as the layer's cache: writes at ``write_pos``."""
+
+    def __init__(self, cache: StaticKVCache, li: int) -> None:
+        self.cache, self.li = cache, li
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``[B, Hkv, 1, D]`` into slot ``write_pos`` (in place); return the layer's buffers."""
+        if layer_idx != self.li:
+            raise RuntimeError(f"layer {layer_idx} updated the cache of layer {self.li}")
+        self.cache.append(self.li, key_states, value_states)
+        return self.cache.keys[self.li], self.cache.values[self.li]
+
+
+def decode_step(parts: OwnLayers, cache: StaticKVCache, tokens: torch.Tensor) -> torch.Tensor:
+    """One token per row through the model's own layers; returns logits ``[B, V]``.
+
+    Capturable: fixed shapes, device counters only, no host sync.
+    """
+    b = tokens.shape[0]
+    if b != cache.batch:
+        raise ValueError(f"decode got {b} tokens for a cache of {cache.batch} rows")
+    cache.open_slot()
+    x = parts.embed(tokens[:, None])  # [B, 1, H]
+    positions = cache.positions[:, None]  # [B, 1]
+    pe = parts.rope(x, positions)
+    window_bias = None
+    if parts.sliding_window is not None:  # slot s is in the window iff s > write_pos - W (all rows)
+        slots = torch.arange(cache.capacity, device=x.device)
+        window_bias = torch.zeros(cache.capacity, device=x.device).masked_fill(
+            slots <= cache.write_pos - parts.sliding_window, float("-inf"))  # [cap] fp32
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        li = module.layer_idx
+        settings = attention_settings(module, kwargs)
+        _check_kind(parts, li, settings)
+        bias = cache.bias[li]  # [B, Hkv, cap]
+        if settings.sliding_window is not None:
+            bias = bias + window_bias
+        if settings.softcap is None:
+            out = decode_attention(query, key, value, bias, settings.scaling)
+        else:
+            out = decode_attention_capped(query, key, value, bias, settings.scaling, settings.softcap)
+        return out.view(b, 1, parts.num_heads, parts.head_dim), None
+
+    with own_attention(parts.model, attention):
+        for li in range(parts.num_layers):
+            x = parts.run_layer(li, x, pe, positions, _StaticLayer(cache, li))
+    logits = parts.logits(x)[:, -1]  # [B, V]
+    cache.advance()
+    return logits
+
+
+class OwnDecodeRunner(DecodeRunner):
+    """:class:`~snapkv.generation.decode.DecodeRunner` whose step is :func:`decode_step`.
+
+    Same buffers, capture and replay; the fused hand-wired kernels never apply.
+    """
+
+    def __init__(self, parts: OwnLayers, cache: StaticKVCache, *, use_graph: bool | None = None,
+                 temperature: float = 0.0, pool: object | None = None, fused: bool | None = None) -> None:
+        if fused:
+            raise ValueError("fused=True runs the hand-wired Llama layout; this model runs its own layers")
+        super().__init__(parts, cache, use_graph=use_graph, temperature=temperature, pool=pool, fused=False)
+
+    def _pick_ops(self, fused: bool | None, device: torch.device) -> None:
+        return None
+
+    def _step(self) -> None:
+        logits = decode_step(self.parts, self.cache, self.tokens)
+        nxt = sample(logits, self.temperature)
+        self.logits.copy_(logits)
+        self.next_tokens.copy_(nxt)
+        self.tokens.copy_(nxt)
