@@ -135,6 +135,7 @@ def main() -> None:
     p.add_argument("--modes", default="engine,hf,hf+snapkv")
     p.add_argument("--check-length", type=int, default=2048)
     p.add_argument("--out", type=Path, default=Path("runs/gemma"))
+    p.add_argument("--prefill-chunk", type=int, default=8192)
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     lengths = [int(x) for x in args.lengths.split(",")]
@@ -149,7 +150,8 @@ def main() -> None:
     report["check"] = check(model, config, args.check_length)
     print("check", report["check"], flush=True)
     config = SnapKVConfig(budget=args.budget, window=32, kernel=7, pooling="max")
-    opts = Options(steps=args.steps, warmup=args.warmup, window=32, kernel=7, pooling="max")
+    opts = Options(steps=args.steps, warmup=args.warmup, prefill_chunk=args.prefill_chunk, window=32, kernel=7,
+                   pooling="max")
     for n in lengths:
         for mode in modes:
             if mode == "engine":
@@ -164,6 +166,7 @@ def main() -> None:
             row = {k: row.get(k) for k in ("mode", "length", "budget", "status", "message", "ttft_s", "decode_ms",
                                              "peak_gib", "phase_ms", "capture_s")}
             report["rows"].append(row)
+            (args.out / "gemma.json").write_text(json.dumps(report, indent=1))  # kept if a later point is cut
             print(json.dumps(row), f"({time.perf_counter() - t0:.0f} s)", flush=True)
     lines = ["| prompt | path | TTFT s | decode ms/token | peak GiB | engine speed-up |", "|---|---|---|---|---|---|"]
     for n in lengths:

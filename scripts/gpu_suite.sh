@@ -11,6 +11,8 @@
 # 2-8 at 16K, ablations) runs as a second call of this script:
 #   STAGES="env sweep" SWEEP_ARGS="--preset gpu --part 2" SWEEP_BUDGET_S=480 bash scripts/gpu_suite.sh
 # and `python -m snapkv.bench.runner --merge part1/bench.json part2/bench.json --out DIR` joins them.
+# Gemma 3 (4B text shape, random weights) on the engine's own-layer path vs transformers (its own call):
+#   STAGES="env gemma" bash scripts/gpu_suite.sh       -> $OUT/gemma/gemma.{json,md}
 # Head-adaptive budgets (ragged cache; about 4 minutes, its own call):
 #   STAGES="env ragged" bash scripts/gpu_suite.sh      -> $OUT/ragged/{layer,engine,hf_model}.json
 set -u -o pipefail
@@ -60,6 +62,11 @@ if [[ " $STAGES " == *" ragged "* ]]; then
     --out "$OUT/ragged/engine.json" || status=1
   timeout 300 "$PY" scripts/bench_ragged.py --skip-layer --model-prompts 8192 32768 65536 --model-budgets 1024 2048 \
     --model-new-tokens 128 --out "$OUT/ragged/hf_model.json" || status=1
+fi
+
+if [[ " $STAGES " == *" gemma "* ]]; then
+  stage "gemma: Gemma-3-4B shape on the engine (own layers) vs the transformers path, 32K and 128K"
+  timeout 560 "$PY" scripts/bench_gemma.py --out "$OUT/gemma" || status=1
 fi
 
 if [[ " $STAGES " == *" sweep "* ]]; then
