@@ -223,3 +223,22 @@ def test_gpu_captured_step_equals_eager_and_transformers(family):
         outs.append(logits)
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(outs[1], ref_logits, rtol=1e-3, atol=1e-3)
+
+
+def test_gemma3_multimodal_checkpoint_runs_its_language_model():
+    """Gemma 3's 4B-27B checkpoints are ``Gemma3ForConditionalGeneration``: text prompts run on the engine."""
+    import transformers as tf
+
+    from tiny_models import tiny_config
+
+    vision = tf.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                   image_size=28, patch_size=14)
+    config = tf.Gemma3Config(text_config=tiny_config("gemma3").to_dict(), vision_config=vision.to_dict(),
+                             mm_tokens_per_image=4, image_token_index=255, boi_token_index=253, eoi_token_index=254)
+    torch.manual_seed(0)
+    model = tf.Gemma3ForConditionalGeneration._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    model.eval()
+    model.generation_config.eos_token_id = None
+    ids, mask = _batch(40, 9)
+    engine, _ = _check(model, BELOW, ids.clamp(max=250), mask, steps=SLIDING_WINDOW + 2)  # no image tokens
+    assert engine.own and engine.parts.kinds == ["sliding", "full", "sliding"]

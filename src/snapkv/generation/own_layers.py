@@ -128,6 +128,7 @@ class OwnLayers:
                 f"supported: {OWN_LAYER_MODEL_TYPES}"
             )
         inner = getattr(model, "model", None)
+        inner = getattr(inner, "language_model", inner)  # Gemma 3's multimodal checkpoints: text input only
         needed = ("embed_tokens", "layers", "norm", "rotary_emb")
         if inner is None or not all(hasattr(inner, n) for n in needed) or not hasattr(model, "lm_head"):
             raise ValueError(f"{type(model).__name__} lacks model.embed_tokens/layers/norm/rotary_emb or lm_head")
