@@ -16,7 +16,7 @@ from snapkv import SnapKVConfig, SnapKVSession
 from snapkv.generation import Engine
 from snapkv.generation.own_attention import AttentionSettings, attention_settings, chunk_attention
 from snapkv.generation.own_layers import OwnLayers, uses_own_layers
-from snapkv.generation.own_run import OwnDecodeRunner, decode_step
+from snapkv.generation.own_run import decode_step
 from tiny_models import SLIDING_WINDOW, tiny_model
 
 pytestmark = pytest.mark.usefixtures("no_grad", "one_thread")
@@ -74,7 +74,7 @@ def test_budget_above_prompt_equals_the_full_model(family, config):
     model = tiny_model(family)
     ids, mask = _batch()
     engine, cache = _check(model, config, ids, mask, steps=SLIDING_WINDOW + 4)  # decode past the window
-    assert engine.own and isinstance(engine.parts, OwnLayers)
+    assert isinstance(engine.parts, OwnLayers) and not engine.parts.fusable
     for li, kind in enumerate(engine.parts.kinds):
         want = SLIDING_WINDOW - 1 if kind == "sliding" else None
         assert cache.kept[li] == [want or 60, want or 43]
@@ -202,7 +202,6 @@ def test_decode_step_is_capturable(family):
     with _NoHostSync() as mode:
         decode_step(engine.parts, cache, tokens)
     assert mode.bad == []
-    assert isinstance(engine.runner(cache), OwnDecodeRunner)
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -241,4 +240,4 @@ def test_gemma3_multimodal_checkpoint_runs_its_language_model():
     model.generation_config.eos_token_id = None
     ids, mask = _batch(40, 9)
     engine, _ = _check(model, BELOW, ids.clamp(max=250), mask, steps=SLIDING_WINDOW + 2)  # no image tokens
-    assert engine.own and engine.parts.kinds == ["sliding", "full", "sliding"]
+    assert isinstance(engine.parts, OwnLayers) and engine.parts.kinds == ["sliding", "full", "sliding"]

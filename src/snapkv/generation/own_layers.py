@@ -35,6 +35,7 @@ from transformers import AttentionInterface
 from snapkv.config import SnapKVConfig
 from snapkv.core.budgets import layer_budget
 from snapkv.generation.adapter import STATIC_ROPE_TYPES
+from snapkv.generation.static_cache import StaticKVCache
 
 #: Model types whose own layers the engine runs (each has an equality test against transformers).
 OWN_LAYER_MODEL_TYPES: tuple[str, ...] = (
@@ -116,6 +117,9 @@ class OwnLayers:
     hidden_size: int
     vocab_size: int
     own_layers: bool = True  # the engine's marker: prefill and decode run the layers' own forwards
+
+    #: The fused hand-wired decode kernels never apply (they compute the Llama layer).
+    fusable = False
 
     @classmethod
     def from_model(cls, model: torch.nn.Module) -> OwnLayers:
@@ -211,6 +215,30 @@ class OwnLayers:
         """Cache slots one prompt of ``length`` tokens needs (its largest layer)."""
         return max(self.kept_per_layer(config, length, profile))
 
+    # -- the engine's runner interface (prefill one row, one decode step, a cache) ----------------
+    def make_cache(self, batch: int, prompt_slots: int, max_new_tokens: int) -> StaticKVCache:
+        """An empty static cache for ``batch`` rows of this model (all layers in one layout)."""
+        return StaticKVCache(self.num_layers, batch, self.num_kv_heads, self.head_dim, prompt_slots,
+                             max_new_tokens, dtype=self.dtype, device=self.device)
+
+    def prefill_row(self, ids: torch.Tensor, cache: StaticKVCache, row: int, **kwargs: Any) -> torch.Tensor:
+        """Prefill one prompt ``ids [n]`` into ``cache`` row ``row``; its last logits ``[V]``.
+
+        ``kwargs``: :func:`~snapkv.generation.own_run.own_prefill_row`'s (``kept`` from
+        :meth:`kept_per_layer`, method, window, chunk, backend, timer, num_layers); a
+        ``whole_layer_bytes`` allowance is accepted and unused (the layers run by chunks).
+        """
+        from snapkv.generation.own_run import own_prefill_row
+
+        kwargs.pop("whole_layer_bytes", None)
+        return own_prefill_row(self, ids, cache, row, **kwargs)
+
+    def decode_step(self, cache: StaticKVCache, tokens: torch.Tensor) -> torch.Tensor:
+        """One token per row (``tokens [B]``) over ``cache``; logits ``[B, V]`` (eager, capturable)."""
+        from snapkv.generation.own_run import decode_step
+
+        return decode_step(self, cache, tokens)
+
     # -- the pieces outside the layers ---------------------------------------------------------
     def rope(self, x: torch.Tensor, positions: torch.Tensor) -> dict[str | None, tuple[torch.Tensor, torch.Tensor]]:
         """``{rope type: (cos, sin) [B, T, D]}`` for ``positions [B, T]`` from the model's rotary module."""
@@ -248,3 +276,13 @@ def uses_own_layers(model: torch.nn.Module) -> bool:
     if mtype in OWN_LAYER_DEFAULT_TYPES:
         return True
     return mtype in OWN_LAYER_MODEL_TYPES and "sliding" in layer_kinds(text)
+
+
+def llama_family_runner(model: torch.nn.Module) -> Any:
+    """The runner of a Llama-family model: the hand-wired parts, or its own layers when its config
+    has sliding-window layers (which the hand-wired path refuses)."""
+    from snapkv.generation.adapter import DecoderParts
+
+    if "sliding" in layer_kinds(_text_config(model)):
+        return OwnLayers.from_model(model)
+    return DecoderParts.from_model(model)

@@ -93,47 +93,60 @@ class _PrefillKV:
         return out.transpose(1, 2)
 
 
-def _prefill_row(
+def own_prefill_row(
     parts: OwnLayers,
     ids: torch.Tensor,
     cache: StaticKVCache,
     row: int,
+    *,
     kept: Sequence[int],
     method: Method,
     window: int,
     chunk: int,
     backend: str,
     timer: PhaseTimer,
-    depth: int,
-    active: list,
+    num_layers: int | None = None,
 ) -> torch.Tensor:
-    """Prefill one prompt ``ids [n]`` into ``cache`` row ``row``; returns its last logits ``[V]``."""
+    """Prefill one prompt ``ids [n]`` into ``cache`` row ``row``; returns its last logits ``[V]``.
+
+    ``kept`` holds the prompt tokens each layer keeps (:meth:`OwnLayers.kept_per_layer`);
+    ``window`` is the observation window; only the first ``num_layers`` layers run (benchmarks).
+    """
     n = ids.numel()
+    depth = parts.num_layers if num_layers is None else num_layers
     positions = torch.arange(n, device=ids.device)[None]  # [1, n]
-    timer.start("embed")
-    x = parts.embed(ids[None])  # [1, n, H]: the residual stream, overwritten chunk by chunk
     spans = [(s, min(n, s + chunk)) for s in range(0, n, chunk)]
-    for li in range(depth):
-        compress = parts.kinds[li] == "full" and kept[li] < n
-        w = min(window, n) if compress else 0
-        kv = _PrefillKV(parts, li, n, w, x, backend)
-        active[0] = kv
-        timer.start("layers")
-        for s, e in spans:
-            pe = parts.rope(x[:, s:e], positions[:, s:e])
-            x[:, s:e] = parts.run_layer(li, x[:, s:e], pe, positions[:, s:e], kv)
-        keys, values = kv.keys, kv.values
-        if compress:
-            timer.start("score")
-            st = kv.settings
-            inputs = ScoreInputs(kv.q_win, keys, None, w, st.scaling, st.softcap, li)
-            keys, values = select_layer(method, inputs, values, kept[li])
-        else:  # a sliding layer's last window - 1 tokens, or a full layer's whole prompt
-            keys, values = keys[:, :, n - kept[li] :], values[:, :, n - kept[li] :]
-        timer.start("cache")
-        cache.load(li, row, keys[0], values[0])
-        active[0] = None
-        del kv, keys, values  # this layer's full KV is gone before the next layer starts
+    active: list[_PrefillKV | None] = [None]
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        if active[0] is None:
+            raise RuntimeError("the engine's prefill attention ran outside a prefill")
+        return active[0].attend(module, query, key, value, kwargs), None
+
+    with own_attention(parts.model, attention):
+        timer.start("embed")
+        x = parts.embed(ids[None])  # [1, n, H]: the residual stream, overwritten chunk by chunk
+        for li in range(depth):
+            compress = parts.kinds[li] == "full" and kept[li] < n
+            w = min(window, n) if compress else 0
+            kv = _PrefillKV(parts, li, n, w, x, backend)
+            active[0] = kv
+            timer.start("layers")
+            for s, e in spans:
+                pe = parts.rope(x[:, s:e], positions[:, s:e])
+                x[:, s:e] = parts.run_layer(li, x[:, s:e], pe, positions[:, s:e], kv)
+            active[0] = None
+            keys, values = kv.keys, kv.values
+            if compress:
+                timer.start("score")
+                st = kv.settings
+                inputs = ScoreInputs(kv.q_win, keys, None, w, st.scaling, st.softcap, li)
+                keys, values = select_layer(method, inputs, values, kept[li])
+            else:  # a sliding layer's last window - 1 tokens, or a full layer's whole prompt
+                keys, values = keys[:, :, n - kept[li] :], values[:, :, n - kept[li] :]
+            timer.start("cache")
+            cache.load(li, row, keys[0], values[0])
+            del kv, keys, values  # this layer's full KV is gone before the next layer starts
     timer.start("logits")
     logits = parts.logits(x[:, -1:])[0, -1]  # [V]
     timer.stop()
@@ -156,24 +169,15 @@ def own_prefill(
 
     Same contract as :func:`snapkv.generation.prefill.prefill` (one row at a time, no padding).
     """
-    depth = parts.num_layers if num_layers is None else num_layers
     window = config.window if config is not None else 1
     timer = PhaseTimer(parts.device)
-    active: list[_PrefillKV | None] = [None]
-
-    def attention(module, query, key, value, attention_mask, **kwargs):
-        if active[0] is None:
-            raise RuntimeError("the engine's prefill attention ran outside a prefill")
-        return active[0].attend(module, query, key, value, kwargs), None
-
     logits, kept_all = [], []
-    with own_attention(parts.model, attention):
-        for row, ids in enumerate(rows):
-            kept = parts.kept_per_layer(config, ids.numel(), layer_profile)
-            kept_all.append(kept)
-            logits.append(_prefill_row(parts, ids, cache, row, kept, method, window, chunk, backend, timer,
-                                       depth, active))
-            cache.set_prompt_length(row, ids.numel())
+    for row, ids in enumerate(rows):
+        kept = parts.kept_per_layer(config, ids.numel(), layer_profile)
+        kept_all.append(kept)
+        logits.append(own_prefill_row(parts, ids, cache, row, kept=kept, method=method, window=window, chunk=chunk,
+                                      backend=backend, timer=timer, num_layers=num_layers))
+        cache.set_prompt_length(row, ids.numel())
     stats = PrefillStats([r.numel() for r in rows], [list(k) for k in zip(*kept_all, strict=True)])
     stats.phase_ms = timer.totals()
     return torch.stack(logits), stats
