@@ -92,8 +92,8 @@ def check(model: torch.nn.Module, config: SnapKVConfig, length: int) -> dict[str
 def session_point(model: torch.nn.Module, length: int, config: SnapKVConfig, steps: int, warmup: int) -> dict:
     """``hf+snapkv``: prefill through a SnapKVSession, then one forward per token over its cache."""
     device = next(model.parameters()).device
-    ids = torch.randint(4, 262000 if length > 4096 else 500, (1, length),
-                        generator=torch.Generator().manual_seed(length)).to(device)
+    vocab = model.get_output_embeddings().out_features
+    ids = torch.randint(4, vocab, (1, length), generator=torch.Generator().manual_seed(length)).to(device)
     _reset(device)
     res: dict[str, Any] = {"mode": "hf+snapkv", "length": length, "budget": config.budget, "status": "ok"}
     try:

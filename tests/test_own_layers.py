@@ -123,6 +123,22 @@ def test_own_layers_on_llama_family_equal_the_transformers_path(family):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_qwen2_with_sliding_layers_runs_on_own_layers():
+    import transformers as tf
+
+    from tiny_models import _COMMON
+
+    config = tf.Qwen2Config(**{**_COMMON, "num_hidden_layers": 3, "use_sliding_window": True,
+                               "sliding_window": SLIDING_WINDOW, "max_window_layers": 1})
+    torch.manual_seed(0)
+    model = tf.Qwen2ForCausalLM._from_config(config, attn_implementation="sdpa", dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None
+    assert uses_own_layers(model)
+    engine, cache = _check(model, BELOW, *_batch(), steps=SLIDING_WINDOW + 2)
+    assert engine.parts.kinds == ["full", "sliding", "sliding"]
+    assert [k[0] for k in cache.kept] == [BELOW.budget, SLIDING_WINDOW - 1, SLIDING_WINDOW - 1]
+
+
 def test_registration_is_scoped():
     model = tiny_model("gemma2")
     before = set(AttentionInterface._global_mapping)
