@@ -13,6 +13,7 @@
 # and `python -m snapkv.bench.runner --merge part1/bench.json part2/bench.json --out DIR` joins them.
 # Gemma 3 (4B text shape, random weights) on the engine's own-layer path vs transformers (its own call):
 #   STAGES="env gemma" bash scripts/gpu_suite.sh       -> $OUT/gemma/gemma.{json,md}
+#   STAGES="env gemma_compile" bash scripts/gpu_suite.sh   (the decode step compiled; its own call)
 # Head-adaptive budgets (ragged cache; about 4 minutes, its own call):
 #   STAGES="env ragged" bash scripts/gpu_suite.sh      -> $OUT/ragged/{layer,engine,hf_model}.json
 set -u -o pipefail
@@ -67,6 +68,11 @@ fi
 if [[ " $STAGES " == *" gemma "* ]]; then
   stage "gemma: Gemma-3-4B shape on the engine (own layers) vs the transformers path, 32K and 128K"
   timeout 560 "$PY" scripts/bench_gemma.py --out "$OUT/gemma" || status=1
+fi
+
+if [[ " $STAGES " == *" gemma_compile "* ]]; then
+  stage "gemma_compile: the same shape, decode step through torch.compile then captured (opt-in compile_decode)"
+  timeout 560 "$PY" scripts/bench_gemma.py --modes engine+compile --no-check --out "$OUT/gemma_compile" || status=1
 fi
 
 if [[ " $STAGES " == *" sweep "* ]]; then

@@ -257,3 +257,21 @@ def test_gemma3_multimodal_checkpoint_runs_its_language_model():
     ids, mask = _batch(40, 9)
     engine, _ = _check(model, BELOW, ids.clamp(max=250), mask, steps=SLIDING_WINDOW + 2)  # no image tokens
     assert isinstance(engine.parts, OwnLayers) and engine.parts.kinds == ["sliding", "full", "sliding"]
+
+
+@pytest.mark.slow
+def test_compiled_decode_equals_eager_and_compiles_once():
+    """``compile_decode()``: the same logits; a second generation (new cache, same shapes) reuses the graph."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_model("gemma2")
+    ids, mask = _batch()
+    steps = SLIDING_WINDOW + 4
+    eager = Engine(model, BELOW).generate(ids, mask, max_new_tokens=steps, return_logits=True)
+    engine = Engine(model, BELOW)
+    engine.parts.compile_decode()
+    counters.clear()
+    for _ in range(2):
+        out = engine.generate(ids, mask, max_new_tokens=steps, return_logits=True)
+        torch.testing.assert_close(torch.stack(out.logits), torch.stack(eager.logits), rtol=1e-5, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1

@@ -78,9 +78,12 @@ def cache_keyword(layer: torch.nn.Module) -> str:
 
 
 @contextmanager
-def own_attention(model: torch.nn.Module, fn: Callable[..., Any]) -> Iterator[None]:
-    """Run ``model``'s layers with attention ``fn`` inside the block; restore and unregister after."""
-    name = f"snapkv_own_{next(_ids)}"
+def own_attention(model: torch.nn.Module, fn: Callable[..., Any], name: str | None = None) -> Iterator[None]:
+    """Run ``model``'s layers with attention ``fn`` inside the block; restore and unregister after.
+
+    ``name``: the registration name (default: a fresh one); a fixed one keeps compiled code valid.
+    """
+    name = name or f"snapkv_own_{next(_ids)}"
     original = _text_config(model)._attn_implementation or "eager"
     AttentionInterface.register(name, fn)
     try:
@@ -120,6 +123,31 @@ class OwnLayers:
 
     #: The fused hand-wired decode kernels never apply (they compute the Llama layer).
     fusable = False
+
+    def __post_init__(self) -> None:
+        self.attention_name = f"snapkv_own_decode_{next(_ids)}"
+        self.compiled_body: Callable[..., torch.Tensor] | None = None
+        self._decode_attention: Any = None
+
+    def decode_attention(self) -> Any:
+        """This model's decode attention object (one per :class:`OwnLayers`)."""
+        if self._decode_attention is None:
+            from snapkv.generation.own_run import DecodeAttention
+
+            self._decode_attention = DecodeAttention(self)
+        return self._decode_attention
+
+    def compile_decode(self) -> None:
+        """Run decode steps through ``torch.compile`` (fullgraph, static shapes; opt-in).
+
+        The first step compiles (about a minute for a 34-layer model); later steps, or a CUDA
+        graph captured over them, run the fused kernels. Note: the compiled step copies the
+        layers' K/V buffers it writes (functionalised in-place update), a cost that grows with
+        the cache: use it with a budget, not with a full long-prompt cache.
+        """
+        from snapkv.generation.own_run import decode_body
+
+        self.compiled_body = torch.compile(decode_body, fullgraph=True, dynamic=False)
 
     @classmethod
     def from_model(cls, model: torch.nn.Module) -> OwnLayers:

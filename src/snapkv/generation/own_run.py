@@ -201,43 +201,65 @@ class _StaticLayer:
         return self.cache.keys[self.li], self.cache.values[self.li]
 
 
-def decode_step(parts: OwnLayers, cache: StaticKVCache, tokens: torch.Tensor) -> torch.Tensor:
-    """One token per row through the model's own layers; returns logits ``[B, V]``.
+class DecodeAttention:
+    """Our attention for decode steps: one query per row against the static cache's buffers.
 
-    Capturable: fixed shapes, device counters only, no host sync.
+    One object per :class:`OwnLayers` (registered under one name), so a compiled decode body's
+    guards stay valid from step to step; :func:`decode_body` points it at the step's cache and
+    sets the step's window mask.
     """
-    b = tokens.shape[0]
-    if b != cache.batch:
-        raise ValueError(f"decode got {b} tokens for a cache of {cache.batch} rows")
-    cache.open_slot()
-    x = parts.embed(tokens[:, None])  # [B, 1, H]
-    positions = cache.positions[:, None]  # [B, 1]
-    pe = parts.rope(x, positions)
-    window_bias = None
-    if parts.sliding_window is not None:  # slot s is in the window iff s > write_pos - W (all rows)
-        slots = torch.arange(cache.capacity, device=x.device)
-        window_bias = torch.zeros(cache.capacity, device=x.device).masked_fill(
-            slots <= cache.write_pos - parts.sliding_window, float("-inf"))  # [cap] fp32
 
-    def attention(module, query, key, value, attention_mask, **kwargs):
+    def __init__(self, parts: OwnLayers) -> None:
+        self.parts = parts
+        self.cache: StaticKVCache | None = None
+        self.window_bias: torch.Tensor | None = None  # [cap] fp32, sliding layers only
+
+    def __call__(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        parts, cache = self.parts, self.cache
         li = module.layer_idx
         settings = attention_settings(module, kwargs)
         _check_kind(parts, li, settings)
         bias = cache.bias[li]  # [B, Hkv, cap]
         if settings.sliding_window is not None:
-            bias = bias + window_bias
+            bias = bias + self.window_bias
         if settings.softcap is None:
             out = decode_attention(query, key, value, bias, settings.scaling)
         else:
             out = decode_attention_capped(query, key, value, bias, settings.scaling, settings.softcap)
-        return out.view(b, 1, parts.num_heads, parts.head_dim), None
+        return out.view(query.shape[0], 1, parts.num_heads, parts.head_dim), None
 
-    with own_attention(parts.model, attention):
-        for li in range(parts.num_layers):
-            x = parts.run_layer(li, x, pe, positions, _StaticLayer(cache, li))
+
+def decode_body(parts: OwnLayers, cache: StaticKVCache, tokens: torch.Tensor, attn: DecodeAttention) -> torch.Tensor:
+    """The decode step's work, with ``attn`` already registered as the model's attention."""
+    cache.open_slot()
+    x = parts.embed(tokens[:, None])  # [B, 1, H]
+    positions = cache.positions[:, None]  # [B, 1]
+    pe = parts.rope(x, positions)
+    attn.cache = cache
+    if parts.sliding_window is not None:  # slot s is in the window iff s > write_pos - W (all rows)
+        slots = torch.arange(cache.capacity, device=x.device)
+        attn.window_bias = torch.zeros(cache.capacity, device=x.device).masked_fill(
+            slots <= cache.write_pos - parts.sliding_window, float("-inf"))
+    for li in range(parts.num_layers):
+        x = parts.run_layer(li, x, pe, positions, _StaticLayer(cache, li))
     logits = parts.logits(x)[:, -1]  # [B, V]
     cache.advance()
     return logits
+
+
+def decode_step(parts: OwnLayers, cache: StaticKVCache, tokens: torch.Tensor) -> torch.Tensor:
+    """One token per row through the model's own layers; returns logits ``[B, V]``.
+
+    Capturable: fixed shapes, device counters only, no host sync. Runs the compiled body when
+    :meth:`OwnLayers.compile_decode` was called.
+    """
+    b = tokens.shape[0]
+    if b != cache.batch:
+        raise ValueError(f"decode got {b} tokens for a cache of {cache.batch} rows")
+    attn = parts.decode_attention()
+    with own_attention(parts.model, attn, name=parts.attention_name):
+        return (parts.compiled_body or decode_body)(parts, cache, tokens, attn)
 
 
 class OwnDecodeRunner(DecodeRunner):
