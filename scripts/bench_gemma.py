@@ -25,6 +25,7 @@ import argparse
 import json
 import statistics
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +163,22 @@ def session_point(model: torch.nn.Module, length: int, config: SnapKVConfig, ste
     return res
 
 
+def run_point(model: torch.nn.Module, mode: str, n: int, config: SnapKVConfig, opts: Options,
+              args: argparse.Namespace, compiled: Engine | None) -> dict:
+    """One measurement (``engine+compile`` builds its engine on first use and hands it back)."""
+    if mode == "engine":
+        return {**measure(model, Point("snapkv", n, budget=args.budget), opts).to_dict(), "mode": "engine"}
+    if mode == "hf":
+        return measure(model, Point("hf", n), opts).to_dict()
+    if mode == "hf+snapkv":
+        return session_point(model, n, config, args.steps, args.warmup)
+    engine = compiled
+    if engine is None:
+        engine = Engine(model, config, prefill_chunk=opts.prefill_chunk)
+        engine.parts.compile_decode()
+    return {**compiled_engine_point(engine, n, opts), "engine": engine}
+
+
 def main() -> None:
     """Parse arguments, check, measure, write JSON and a markdown table."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -189,7 +206,11 @@ def main() -> None:
                               "shape": "gemma3-4b text (random bf16)" if not args.tiny else "tiny gemma3",
                               "layers": model.config.num_hidden_layers, "rows": []}
     if not args.no_check:
-        report["check"] = check(model, config, args.check_length)
+        try:
+            report["check"] = check(model, config, args.check_length)
+        except Exception as err:  # recorded; the measurements still run
+            traceback.print_exc()
+            report["check"] = {"status": "error", "message": f"{type(err).__name__}: {err}"[:500]}
         print("check", report["check"], flush=True)
     config = SnapKVConfig(budget=args.budget, window=32, kernel=7, pooling="max")
     opts = Options(steps=args.steps, warmup=args.warmup, prefill_chunk=args.prefill_chunk, window=32, kernel=7,
@@ -197,20 +218,16 @@ def main() -> None:
     compiled = None
     for n in lengths:
         for mode in modes:
-            if mode == "engine":
-                row = measure(model, Point("snapkv", n, budget=args.budget), opts).to_dict()
-                row["mode"] = "engine"
-            elif mode == "hf":
-                row = measure(model, Point("hf", n), opts).to_dict()
-            elif mode == "engine+compile":
-                if compiled is None:
-                    compiled = Engine(model, config, prefill_chunk=opts.prefill_chunk)
-                    compiled.parts.compile_decode()
-                row = compiled_engine_point(compiled, n, opts)
-            elif mode == "hf+snapkv":
-                row = session_point(model, n, config, args.steps, args.warmup)
-            else:
+            if mode not in ("engine", "hf", "engine+compile", "hf+snapkv"):
                 raise ValueError(f"unknown mode {mode!r}")
+            try:
+                row = run_point(model, mode, n, config, opts, args, compiled)
+            except Exception as err:  # recorded in the report, and the other points still run
+                traceback.print_exc()
+                row = {"mode": mode, "length": n, "status": "error", "message": f"{type(err).__name__}: {err}"[:500]}
+                _reset(next(model.parameters()).device)
+            if mode == "engine+compile" and compiled is None:
+                compiled = row.pop("engine", None)
             row = {k: row.get(k) for k in ("mode", "length", "budget", "status", "message", "ttft_s", "decode_ms",
                                              "peak_gib", "phase_ms", "capture_s", "compiled_vs_eager_rel_err")}
             report["rows"].append(row)
