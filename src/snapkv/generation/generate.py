@@ -73,8 +73,8 @@ class Engine:
     """SnapKV generation for Llama-family models: bounded prefill, static cache, CUDA-graph decode.
 
     Args:
-        model: a transformers ``*ForCausalLM`` with the Llama layout (Llama, Mistral without
-            sliding window, Qwen2, Qwen3), on one device.
+        model: a transformers ``*ForCausalLM`` on one device: Llama, Mistral, Qwen2, Qwen3
+            (hand-wired), Gemma 2, Gemma 3, Phi-3 (their own layers, see ``own_layers``).
         config: window and budget; None keeps the full prompt cache (same engine, no scoring).
         method: how positions are scored (default :class:`~snapkv.methods.SnapKV` from the config).
         layer_profile: ``"uniform"`` or ``"pyramid"`` budgets across layers.
@@ -88,7 +88,8 @@ class Engine:
             :mod:`snapkv.generation.fused`).
         own_layers: run the model's own decoder layers (:mod:`snapkv.generation.own_layers`)
             instead of the hand-wired Llama layout; default: for the model types that need it
-            (Gemma 2, Gemma 3, Phi-3). ``True`` on a Llama-family model gives the reference twin.
+            (Gemma 2, Gemma 3, Phi-3, and Mistral or Qwen2 configs with sliding-window layers).
+            ``True`` on a Llama-family model gives the reference twin of the hand-wired path.
     """
 
     def __init__(
