@@ -107,7 +107,7 @@ def test_pyramid_profile_ranks_full_layers_like_the_session():
     _check(model, SnapKVConfig(budget=30, window=6, kernel=5, pooling="avg"), *_batch(70, 20), profile="pyramid")
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "mistral_sw"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "mistral_sw"])
 def test_own_layers_on_llama_family_equal_the_transformers_path(family):
     """The generic runner as the reference twin of the hand-wired path (and Mistral's window)."""
     model = tiny_model(family)
