@@ -93,6 +93,14 @@ def test_budget_below_prompt_equals_the_session(family, lengths):
         assert cache.kept[li][0] == (SLIDING_WINDOW - 1 if kind == "sliding" else BELOW.budget)
 
 
+@pytest.mark.parametrize("steps", [4, SLIDING_WINDOW + 6], ids=["cache<=window", "cache>window"])
+def test_prompt_shorter_than_the_window(steps):
+    """Both ways of masking a sliding layer's decode window: over all slots (a cache no longer
+    than the window) and over the gathered window slots, some before slot 0 at first."""
+    model = tiny_model("gemma3")
+    _check(model, None, *_batch(9, 4), steps=steps)
+
+
 def test_sliding_layers_keep_more_than_a_small_budget():
     """Budget below the sliding window: the cache's prompt slots follow the sliding layers."""
     model = tiny_model("gemma3")

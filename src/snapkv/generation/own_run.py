@@ -206,13 +206,16 @@ class DecodeAttention:
 
     One object per :class:`OwnLayers` (registered under one name), so a compiled decode body's
     guards stay valid from step to step; :func:`decode_body` points it at the step's cache and
-    sets the step's window mask.
+    sets the step's window: sliding layers attend to the ``W`` slots ending at ``write_pos``
+    only (gathered, when the cache holds more slots than the window), masked where a slot
+    precedes slot 0.
     """
 
     def __init__(self, parts: OwnLayers) -> None:
         self.parts = parts
         self.cache: StaticKVCache | None = None
-        self.window_bias: torch.Tensor | None = None  # [cap] fp32, sliding layers only
+        self.window_slots: torch.Tensor | None = None  # [W] slots of the window (None: every slot is in it)
+        self.window_bias: torch.Tensor | None = None  # [W] fp32: -inf where a window slot precedes slot 0
 
     def __call__(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
@@ -221,8 +224,9 @@ class DecodeAttention:
         settings = attention_settings(module, kwargs)
         _check_kind(parts, li, settings)
         bias = cache.bias[li]  # [B, Hkv, cap]
-        if settings.sliding_window is not None:
-            bias = bias + self.window_bias
+        if settings.sliding_window is not None and self.window_slots is not None:  # [B, Hkv, W(, D)]
+            key, value = key.index_select(2, self.window_slots), value.index_select(2, self.window_slots)
+            bias = bias.index_select(2, self.window_slots) + self.window_bias
         if settings.softcap is None:
             out = decode_attention(query, key, value, bias, settings.scaling)
         else:
@@ -237,10 +241,12 @@ def decode_body(parts: OwnLayers, cache: StaticKVCache, tokens: torch.Tensor, at
     positions = cache.positions[:, None]  # [B, 1]
     pe = parts.rope(x, positions)
     attn.cache = cache
-    if parts.sliding_window is not None:  # slot s is in the window iff s > write_pos - W (all rows)
-        slots = torch.arange(cache.capacity, device=x.device)
-        attn.window_bias = torch.zeros(cache.capacity, device=x.device).masked_fill(
-            slots <= cache.write_pos - parts.sliding_window, float("-inf"))
+    w = parts.sliding_window
+    attn.window_slots = None  # a cache of at most W slots: no slot can leave the window
+    if w is not None and cache.capacity > w:  # slots write_pos - W + 1 .. write_pos (all rows)
+        slots = cache.write_pos - (w - 1) + torch.arange(w, device=x.device)
+        attn.window_slots = slots.clamp(min=0)
+        attn.window_bias = torch.zeros(w, device=x.device).masked_fill(slots < 0, float("-inf"))
     for li in range(parts.num_layers):
         x = parts.run_layer(li, x, pe, positions, _StaticLayer(cache, li))
     logits = parts.logits(x)[:, -1]  # [B, V]
