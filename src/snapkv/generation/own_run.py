@@ -11,11 +11,13 @@ static cache, and its full KV freed.
 
 Decode: each layer's own forward on one token per row; our cache object
 (:class:`_StaticLayer`) writes the new K/V into slot ``write_pos`` with ``index_copy_`` and
-returns the layer's whole buffers; our attention function attends over them with the cache's
-bias (and, for sliding layers, a window mask computed from ``write_pos`` on the device: a
-row's slot minus its position is the same for every token of the row, so the window is the
-same slot range for all rows). Fixed shapes, no host sync: :class:`OwnDecodeRunner`
-captures the step as a CUDA graph like :class:`~snapkv.generation.decode.DecodeRunner`.
+returns the layer's whole buffers; our attention (:class:`DecodeAttention`) attends over them
+with the cache's bias. A sliding layer attends to the ``W`` slots ending at ``write_pos`` only,
+gathered on the device: a row's slot minus its position is the same for every token of the row
+(its kept prompt tokens are right-aligned and contiguous), so the window is the same slot range
+for all rows. Fixed shapes, no host sync: the engine captures the step as a CUDA graph
+(:class:`OwnDecodeRunner`, or :class:`~snapkv.generation.decode.DecodeRunner` through
+:meth:`OwnLayers.decode_step`); :meth:`OwnLayers.compile_decode` compiles it first (opt-in).
 """
 
 from __future__ import annotations
