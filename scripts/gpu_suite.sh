@@ -14,6 +14,9 @@
 # The documented API (answer(), ContextCache.ask(), backend auto and transformers) against the engine,
 # Llama-3-8B shape, random bf16 weights, 32K and 128K (its own call, about 5 minutes):
 #   STAGES="env api" bash scripts/gpu_suite.sh      -> $OUT/api/api_bench.{json,md}
+# Gemma 3 (4B text shape, random weights) on the engine's own-layer path vs transformers (its own call):
+#   STAGES="env gemma" bash scripts/gpu_suite.sh       -> $OUT/gemma/gemma.{json,md}
+#   STAGES="env gemma_compile" bash scripts/gpu_suite.sh   (the decode step compiled; its own call)
 # Head-adaptive budgets (ragged cache; about 4 minutes, its own call):
 #   STAGES="env ragged" bash scripts/gpu_suite.sh      -> $OUT/ragged/{layer,engine,hf_model}.json
 set -u -o pipefail
@@ -70,6 +73,16 @@ if [[ " $STAGES " == *" api "* ]]; then
   mkdir -p "$OUT/api"
   timeout "${API_TIMEOUT_S:-540}" "$PY" -m snapkv.bench.api_bench --model llama3-8b --lengths 32K,128K --budget 2048 \
     --new-tokens 64 --time-budget "${API_BUDGET_S:-420}" --out "$OUT/api" || status=1
+fi
+
+if [[ " $STAGES " == *" gemma "* ]]; then
+  stage "gemma: Gemma-3-4B shape on the engine (own layers) vs the transformers path, 32K and 128K"
+  timeout 560 "$PY" scripts/bench_gemma.py --out "$OUT/gemma" || status=1
+fi
+
+if [[ " $STAGES " == *" gemma_compile "* ]]; then
+  stage "gemma_compile: the same shape, decode step through torch.compile then captured (opt-in compile_decode)"
+  timeout 560 "$PY" scripts/bench_gemma.py --modes engine+compile --no-check --out "$OUT/gemma_compile" || status=1
 fi
 
 if [[ " $STAGES " == *" sweep "* ]]; then

@@ -29,8 +29,9 @@ def tok():
 
 
 @pytest.mark.parametrize("compress", [True, False])
-def test_answer_is_the_same_on_both_backends(tok, compress):
-    model = tiny_model("llama")
+@pytest.mark.parametrize("family", ["llama", "gemma3"])  # gemma3: own layers, sliding layers not reported
+def test_answer_is_the_same_on_both_backends(tok, family, compress):
+    model = tiny_model(family)
     ctx = random_context(150)
     out = {b: answer(model, tok, ctx, QUESTION, CFG, chat=False, max_new_tokens=6, backend=b, compress=compress)
            for b in ("engine", "transformers", "auto")}
@@ -43,9 +44,9 @@ def test_answer_is_the_same_on_both_backends(tok, compress):
     assert [s.kept_tokens for s in e.layers] == [s.kept_tokens for s in t.layers]
 
 
-@pytest.mark.parametrize("probe", [None, "\nList the keys."])
-def test_context_cache_is_the_same_on_both_backends(tok, probe):
-    model = tiny_model("qwen2")
+@pytest.mark.parametrize("family,probe", [("qwen2", None), ("qwen2", "\nList the keys."), ("gemma3", None)])
+def test_context_cache_is_the_same_on_both_backends(tok, family, probe):
+    model = tiny_model(family)
     ctx = random_context(160, seed=3)
     answers = {}
     for backend in ("engine", "transformers"):
@@ -72,7 +73,8 @@ def test_context_cache_grows_room_for_long_answers(tok):
 
 def test_backend_choice_is_explicit(tok):
     model = tiny_model("mixtral")
-    with pytest.raises(ValueError, match="backend='engine'.*model type 'mixtral'.*llama, mistral, qwen2, qwen3"):
+    supported = "gemma2, gemma3_text, llama, mistral, phi3, qwen2, qwen3"
+    with pytest.raises(ValueError, match=f"backend='engine'.*model type 'mixtral'.*{supported}"):
         answer(model, tok, random_context(60), QUESTION, CFG, chat=False, backend="engine")
     with pytest.raises(ValueError, match="backend='engine'.*mixtral"):
         ContextCache(model, tok, random_context(60), CFG, chat=False, backend="engine")

@@ -191,7 +191,8 @@ def _lookalike(name: str) -> torch.nn.Module:
 
 @pytest.mark.parametrize("name", sorted(LOOKALIKES))
 def test_lookalike_families_are_refused_by_model_type(name):
-    with pytest.raises(ValueError, match=f"model type '{name}'.*supported model types: llama, mistral, qwen2, qwen3"):
+    supported = "gemma2, gemma3_text, llama, mistral, phi3, qwen2, qwen3"
+    with pytest.raises(ValueError, match=f"model type '{name}'.*supported model types: {supported}"):
         Engine(_lookalike(name))
 
 

@@ -33,9 +33,13 @@ if TYPE_CHECKING:
 #: :meth:`~DecoderParts.decode_step` and, if it needs another cache, :meth:`~DecoderParts.make_cache`.
 RUNNERS: dict[str, str] = {
     "llama": "snapkv.generation.adapter:DecoderParts.from_model",
-    "mistral": "snapkv.generation.adapter:DecoderParts.from_model",  # refused with a sliding window
-    "qwen2": "snapkv.generation.adapter:DecoderParts.from_model",  # refused with sliding layers
+    "mistral": "snapkv.generation.own_layers:llama_family_runner",  # own layers with a sliding window
+    "qwen2": "snapkv.generation.own_layers:llama_family_runner",  # own layers with sliding layers
     "qwen3": "snapkv.generation.adapter:DecoderParts.from_model",
+    # The model's own decoder layers (snapkv.generation.own_layers; tests/test_own_layers.py):
+    "gemma2": "snapkv.generation.own_layers:OwnLayers.from_model",
+    "gemma3_text": "snapkv.generation.own_layers:OwnLayers.from_model",  # Gemma3ForCausalLM and the multimodal ones
+    "phi3": "snapkv.generation.own_layers:OwnLayers.from_model",
 }
 
 #: The types the hand-wired Llama path admits (its fused decode kernels are written for them).

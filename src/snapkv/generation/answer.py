@@ -74,12 +74,23 @@ def resolve_backend(model: torch.nn.Module, backend: str) -> str:
     return "engine" if reason is None and device.type in AUTO_DEVICES else "transformers"
 
 
-def layer_stats(cache: StaticKVCache, row: int = 0, drop: int = 0) -> list[LayerStats]:
-    """Per layer what compression kept of ``row`` (``drop``: probe tokens not counted)."""
+def layer_stats(cache: StaticKVCache, row: int = 0, drop: int = 0, kinds: list[str] | None = None) -> list[LayerStats]:
+    """Per compressed layer what compression kept of ``row`` (``drop``: probe tokens not counted).
+
+    ``kinds``: the runner's layer kinds (``OwnLayers.kinds``; None: every layer is a full one).
+    Sliding-window layers are left out, as on the transformers path, which compresses (and
+    reports) the full-attention layers only.
+    """
     per_token = 2 * cache.keys.shape[2] * cache.keys.shape[4] * cache.keys.element_size()
     n = cache.prompt_lengths[row]
     return [LayerStats(li, [n], [round(cache.kept[li][row])], (n + drop) * per_token,
-                       round(cache.kept[li][row] * per_token)) for li in range(cache.num_layers)]
+                       round(cache.kept[li][row] * per_token))
+            for li in range(cache.num_layers) if kinds is None or kinds[li] != "sliding"]
+
+
+def runner_kinds(engine: Engine) -> list[str] | None:
+    """The layer kinds of ``engine``'s runner (``"full"``/``"sliding"``), None for a runner without kinds."""
+    return getattr(engine.parts, "kinds", None)
 
 
 def _answer(tokenizer: Any, tokens: list[int], eos: list[int], stats: list[LayerStats], prompt_tokens: int,
@@ -100,7 +111,7 @@ def engine_answer(
     engine = Engine(model, config)
     out = engine.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, eos_token_id=eos or None)
     tokens = out.tokens[0, : out.lengths[0]].tolist()
-    stats = layer_stats(out.cache)
+    stats = layer_stats(out.cache, kinds=runner_kinds(engine))
     return _answer(tokenizer, tokens, eos, stats, len(ids), out.ttft_s, out.decode_s - out.capture_s, out.capture_s)
 
 
@@ -131,7 +142,7 @@ class EngineContext:
             self.cache.drop_prompt_tail(0, g)
         sync()
         self.prefill_s = time.perf_counter() - t0
-        self.stats = layer_stats(self.cache, drop=0)
+        self.stats = layer_stats(self.cache, drop=0, kinds=runner_kinds(self.engine))
         self.context_tokens = n
         self.state = self.cache.state()
         self.runner = self.engine.runner(self.cache)

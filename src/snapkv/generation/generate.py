@@ -32,6 +32,7 @@ from snapkv.generation.adapter import runner_for
 from snapkv.generation.attention import PREFILL_BACKENDS, default_prefill_backend
 from snapkv.generation.decode import DecodeRunner
 from snapkv.generation.memory import NotEnoughMemoryError, check_fits
+from snapkv.generation.own_layers import OwnLayers
 from snapkv.generation.prefill import PrefillStats, prefill
 from snapkv.generation.sampling import SamplingParams
 from snapkv.generation.selfcheck import self_check as run_self_check
@@ -92,8 +93,10 @@ class Engine:
 
     Args:
         model: a transformers ``*ForCausalLM`` of a supported model type (see
-            :func:`~snapkv.generation.adapter.supported_model_types`: Llama, Mistral without
-            sliding window, Qwen2, Qwen3, and any family runner registered there), on one device.
+            :func:`~snapkv.generation.adapter.supported_model_types`: Llama, Mistral, Qwen2,
+            Qwen3 hand-wired; Gemma 2, Gemma 3, Phi-3, and Mistral or Qwen2 configs with
+            sliding-window layers on their own decoder layers, see
+            :mod:`~snapkv.generation.own_layers`), on one device.
         config: window and budget; None keeps the full prompt cache (same engine, no scoring).
         method: how positions are scored (default :class:`~snapkv.methods.SnapKV` from the config).
         layer_profile: ``"uniform"`` or ``"pyramid"`` budgets across layers.
@@ -109,6 +112,8 @@ class Engine:
             prompt (once per model object and setting, see :mod:`snapkv.generation.selfcheck`)
             and raise ``ValueError`` on a mismatch. ``False`` skips it: UNSAFE, the engine may
             then compute another model than the one given, silently.
+        own_layers: run the model's own decoder layers (:mod:`snapkv.generation.own_layers`)
+            whatever its type's registered runner (the reference twin of the hand-wired path).
 
     Raises:
         ValueError: a model type the engine cannot run (naming the supported ones), a setting
@@ -128,12 +133,15 @@ class Engine:
         use_graph: bool | None = None,
         fused: bool | None = None,
         self_check: bool = True,
+        own_layers: bool = False,
     ) -> None:
         if layer_profile not in PROFILES:
             raise ValueError(f"layer_profile must be one of {PROFILES}, got {layer_profile!r}")
         if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be an integer >= 1, got {prefill_chunk!r}")
-        self.parts = runner_for(model)
+        if not isinstance(own_layers, bool):
+            raise ValueError(f"own_layers must be True or False, got {own_layers!r}")
+        self.parts = OwnLayers.from_model(model) if own_layers else runner_for(model)
         self.config = config
         if method is None:
             c = config or SnapKVConfig()
