@@ -23,6 +23,7 @@ from snapkv.config import SnapKVConfig
 from snapkv.generation.adapter import DecoderParts
 from snapkv.generation.attention import default_prefill_backend
 from snapkv.generation.decode import DecodeRunner
+from snapkv.generation.generate import Engine
 from snapkv.generation.memory import available_bytes, plan
 from snapkv.generation.prefill import kept_per_layer, prefill
 from snapkv.serve.backend import Prefilled, PrefillJob
@@ -69,6 +70,9 @@ class EngineBackend:
         fused: bool | None = None,
     ) -> None:
         self.parts = DecoderParts.from_model(model)  # ValueError for models the engine cannot run
+        # The engine's construction-time self-check (its logits against the model's own forward): a model
+        # with the Llama layout but another forward is refused here, not served wrong.
+        Engine(model, None, use_graph=use_graph, fused=fused)
         if rows < 1:
             raise ValueError(f"rows (--max-batch) must be >= 1, got {rows}")
         self.rows, self.slot_tokens = rows, slot_tokens

@@ -75,12 +75,14 @@ def _config(a: argparse.Namespace) -> SnapKVConfig:
 
 def pick_backend(model: Any, wanted: str) -> tuple[str, str | None]:
     """``(backend, why the engine cannot run the model or None)``; ``engine`` on such a model raises."""
+    from snapkv.generation import Engine
     from snapkv.generation.adapter import DecoderParts
 
     if wanted not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {wanted!r}")
     try:
-        DecoderParts.from_model(model)
+        DecoderParts.from_model(model)  # the slot decode runs the hand-wired layout
+        Engine(model, None)  # and its self-check against the model's own forward
         reason = None
     except ValueError as err:
         reason = str(err)
