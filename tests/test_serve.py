@@ -274,17 +274,19 @@ def test_transformers_backend_queue_full_429(smollm2, client):
     model, tok = smollm2
     engine_text = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=12, temperature=0)
     with running_server(model, tok, "--backend", "transformers", "--max-batch", "1", "--max-queue", "1",
-                        "--budget", "64", "--window", "8", "--max-new-tokens", "16") as (base, srv):
+                        "--budget", "64", "--window", "8", "--max-new-tokens", "400") as (base, srv):
         assert _health(base)["backend"] == "transformers"
         c = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=120)
         text = c.chat.completions.create(model=MODEL, messages=ASK, max_tokens=12, temperature=0)
         assert text.choices[0].message.content == engine_text.choices[0].message.content
-        body = {"model": MODEL, "prompt": "Count: one, two,", "max_tokens": 60, "stream": True}
+        # Long enough that the first request still decodes when the third arrives, even on a fast machine;
+        # leaving the `with` blocks disconnects both streams, which cancels them.
+        body = {"model": MODEL, "prompt": "Count: one, two,", "max_tokens": 400, "stream": True}
         with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as a:
             next(a.iter_lines())
             with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as b:
                 assert b.status_code == 200
-                r = _post(base, "/v1/completions", {**body, "stream": False}, key=None)
+                r = _post(base, "/v1/completions", {**body, "stream": False, "max_tokens": 8}, key=None)
                 _error(r, 429)
                 assert r.headers["retry-after"] == "1"
         assert _wait_idle(base)["busy_rows"] == 0
