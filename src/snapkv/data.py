@@ -24,9 +24,21 @@ def essay_names() -> list[str]:
     return sorted(p.stem for p in essays_dir().glob("*.txt"))
 
 
-def essay(name: str) -> str:
-    """The text of one essay, e.g. ``essay("submarine")`` (about 2,300 words); whitespace-trimmed."""
+def essay(name: str, max_words: int | None = None) -> str:
+    """The text of one essay, e.g. ``essay("submarine")`` (about 2,300 words), whitespace-trimmed.
+
+    ``max_words`` cuts it at the first sentence end after that many words (for shorter prompts).
+    """
     path = essays_dir() / f"{name}.txt"
     if not path.exists():
         raise ValueError(f"essay must be one of {essay_names()}, got {name!r}")
-    return path.read_text(encoding="utf-8").strip()
+    text = path.read_text(encoding="utf-8").strip()
+    if max_words is not None:
+        if max_words < 1:
+            raise ValueError(f"max_words must be >= 1, got {max_words}")
+        words = text.split(" ")
+        if len(words) > max_words:
+            head, tail = " ".join(words[:max_words]), " ".join(words[max_words:])
+            ends = [i for i in (tail.find(". "), tail.find(".\n")) if i >= 0]
+            text = head + (tail[: min(ends) + 1] if ends else " " + tail)
+    return text

@@ -16,6 +16,7 @@ from __future__ import annotations
 import inspect
 import os
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,8 @@ from snapkv.eval.tasks.passkey import QUESTION as _ASK
 TASKS: tuple[str, ...] = ("passkey", "essays")
 #: The model each task uses unless ``--model`` says otherwise.
 TASK_MODELS: dict[str, str] = {"passkey": "smollm2", "essays": "qwen2.5-coder-1.5b"}
+#: The budget each task uses unless ``--budget`` says otherwise: about 4-5x compression of its prompts.
+TASK_BUDGETS: dict[str, int] = {"passkey": 512, "essays": 256}
 
 #: The passkey question with its answer prefix: Landmark's plain completion prompt (``snapkv eval``'s text).
 QUESTION = _ASK + ANSWER_PREFIX
@@ -44,8 +47,8 @@ class Sample:
     expected: tuple[str, ...]
 
     def correct(self, text: str) -> bool:
-        """Whether ``text`` contains one of the expected strings (case-insensitive)."""
-        return any(e.lower() in text.lower() for e in self.expected)
+        """Whether ``text`` holds one of the expected strings as a whole word (case-insensitive): "8" is not "2008"."""
+        return any(re.search(rf"(?<!\w){re.escape(e)}(?!\w)", text, re.IGNORECASE) for e in self.expected)
 
 
 #: Essay questions: (essay, question, accepted answers). The facts sit in the essay's body, not its end,
@@ -54,10 +57,12 @@ ESSAY_QUESTIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("submarine", "How much did the author's startup pay its PR firm each month?", ("16,000", "16000")),
     ("submarine", "In 18 months, in how many different publications did the PR firm get press hits?", ("60",)),
     ("boss", "According to the essay, groups of what size work well?", ("8", "eight")),
-    ("gba", "In which year was Florence what New York is now, according to the essay?", ("1450",)),
     ("vb", "How many weekends do you get with your 2 year old?", ("52", "fifty-two")),
     ("apple", "How long can it take to get a bug fix approved in the App Store?", ("4-8", "4 to 8", "four to eight")),
+    ("copy", "What was the author's major for most of college?", ("philosophy",)),
 )
+#: Essays are cut at the first sentence end after this many words (about 1,300 tokens): CPU prefill time.
+ESSAY_WORDS = 1000
 
 
 def passkey_context(tokenizer: Any, length: int, depth: float, key: int) -> str:
@@ -88,7 +93,7 @@ def passkey_samples(tokenizer: Any, lengths: list[int], depths: list[float], see
 
 def essay_samples(limit: int | None = None) -> list[Sample]:
     """The essay questions of :data:`ESSAY_QUESTIONS` (the first ``limit``)."""
-    return [Sample(name, essay(name), q, answers) for name, q, answers in ESSAY_QUESTIONS[:limit]]
+    return [Sample(name, essay(name, ESSAY_WORDS), q, answers) for name, q, answers in ESSAY_QUESTIONS[:limit]]
 
 
 def validate(task: str, lengths: list[int], depths: list[float], max_new_tokens: int) -> None:
