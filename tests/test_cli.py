@@ -273,3 +273,16 @@ def test_bench_report_names_the_command_once_and_shows_small_caches():
     assert command_line(["/venv/bin/snapkv", "bench", "--preset", "quick"]) == "snapkv bench --preset quick"
     assert command_line(["runner.py", "--preset", "quick"]) == "snapkv bench --preset quick"
     assert (_size(3 / 1024), _size(2 / 1024**2), _size(1.5)) == ("3.0 MiB", "2 KiB", "1.50 GiB")
+
+
+def test_long_question_is_refused_from_tokens_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model must not load for a refused question")
+
+    monkeypatch.setattr(models, "load_model", no_model)
+    doc = tmp_path / "doc.txt"
+    doc.write_text("a document " * 50)
+    question = "why " * 60
+    assert main(["generate", str(doc), "--question", question, "--budget", "48", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "budget (48) must exceed the observation window, which widens to the question's" in err
