@@ -145,7 +145,8 @@ def test_demo_essays_questions_are_in_their_essays():
 def _answer(text: str, prompt: int, kept: int | None, per_token: int = 100):
     from snapkv.api import Answer
 
-    return Answer(text, [1, 2, 3], prompt, kept, per_token * prompt, per_token * (kept or prompt), 1.5, 0.2)
+    return Answer(text=text, tokens=[1, 2, 3], prompt_tokens=prompt, kept_tokens=kept, kv_bytes_full=per_token * prompt,
+                  kv_bytes_kept=per_token * (kept or prompt), prefill_s=1.5, decode_s=0.2)
 
 
 def test_demo_table_shows_memory_accuracy_and_load_labelled_timings():
@@ -286,3 +287,18 @@ def test_long_question_is_refused_from_tokens_before_the_model_loads(tmp_path, m
     assert main(["generate", str(doc), "--question", question, "--budget", "48", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "budget (48) must exceed the observation window, which widens to the question's" in err
+
+
+def test_backend_is_passed_when_the_api_takes_it_and_engine_is_never_dropped_silently():
+    import inspect
+
+    from snapkv.api import answer
+    from snapkv.demo import answer_options
+
+    if "backend" in inspect.signature(answer).parameters:
+        assert answer_options("engine") == {"backend": "engine"}
+        assert answer_options("auto") == {"backend": "auto"}
+    else:
+        with pytest.raises(ValueError, match="backend 'engine' needs"):
+            answer_options("engine")
+        assert answer_options("auto") == answer_options("transformers") == {}
