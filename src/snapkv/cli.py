@@ -11,6 +11,7 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -219,6 +220,8 @@ def run_generate(a: argparse.Namespace) -> int:
     context = _read_prompt(a.prompt_file)
     question = a.question if a.question is not None else "\n"  # no question: the prompt's own end votes
     _log_setup()
+    if not a.no_progress and not a.json:  # the engine's per-layer prefill lines (read when it is imported)
+        os.environ.setdefault("SNAPKV_PREFILL_PROGRESS", "1")
     _check_device(a.device)
     from snapkv.api import answer, split_prompt
     from snapkv.demo import answer_options

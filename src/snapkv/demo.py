@@ -58,7 +58,6 @@ ESSAY_QUESTIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("submarine", "In 18 months, in how many different publications did the PR firm get press hits?", ("60",)),
     ("boss", "According to the essay, groups of what size work well?", ("8", "eight")),
     ("vb", "How many weekends do you get with your 2 year old?", ("52", "fifty-two")),
-    ("apple", "How long can it take to get a bug fix approved in the App Store?", ("4-8", "4 to 8", "four to eight")),
     ("copy", "What was the author's major for most of college?", ("philosophy",)),
 )
 #: Essays are cut at the first sentence end after this many words (about 1,300 tokens): CPU prefill time.
