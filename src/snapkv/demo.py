@@ -183,8 +183,14 @@ def _short(text: str, n: int = 28) -> str:
     return repr(text if len(text) <= n else text[: n - 1] + "…")
 
 
-def _mark(row: DemoRow, a: Any) -> str:
-    return ("ok " if row.correct(a) else "MISS ") + _short(a.text)
+def _mark(row: DemoRow, a: Any, n: int = 28) -> str:
+    """ok/MISS and the answer, shortened around the expected string when that is where it appears."""
+    text = " ".join(a.text.split())
+    for e in row.sample.expected:
+        i = text.lower().find(e.lower())
+        if i + len(e) > n:  # found past the cut: show the words around it
+            return ("ok " if row.correct(a) else "MISS ") + repr("…" + text[max(0, i - 12): i + len(e) + 8] + "…")
+    return ("ok " if row.correct(a) else "MISS ") + _short(text, n)
 
 
 def demo_table(run: DemoRun) -> str:
