@@ -302,3 +302,10 @@ def test_backend_is_passed_when_the_api_takes_it_and_engine_is_never_dropped_sil
         with pytest.raises(ValueError, match="backend 'engine' needs"):
             answer_options("engine")
         assert answer_options("auto") == answer_options("transformers") == {}
+
+
+def test_demo_runs_end_to_end_on_the_default_model(capsys):
+    assert main(["demo", "--lengths", "400", "--depths", "0.5", "--budget", "128", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "model smollm2, backend " in out and "| 128 |" in out
+    assert "accuracy: full cache 1/1" in out and "x smaller" in out and "Timings (" in out

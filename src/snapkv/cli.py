@@ -11,7 +11,6 @@ import argparse
 import importlib
 import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -220,11 +219,9 @@ def run_generate(a: argparse.Namespace) -> int:
     context = _read_prompt(a.prompt_file)
     question = a.question if a.question is not None else "\n"  # no question: the prompt's own end votes
     _log_setup()
-    if not a.no_progress and not a.json:  # the engine's per-layer prefill lines (read when it is imported)
-        os.environ.setdefault("SNAPKV_PREFILL_PROGRESS", "1")
     _check_device(a.device)
     from snapkv.api import answer, split_prompt
-    from snapkv.demo import answer_options
+    from snapkv.demo import answer_options, runs_on_engine
     from snapkv.models import load_model, load_tokenizer
     from snapkv.progress import prefill_progress
 
@@ -236,7 +233,12 @@ def run_generate(a: argparse.Namespace) -> int:
                          f"question's {len(q_ids)} tokens (prompt: {len(ctx_ids) + len(q_ids)} tokens); "
                          f"use --budget above {window}")
     model, tok = load_model(a.model, device=a.device, attn_implementation=a.attn)
-    with prefill_progress(model, f"prefill ({len(ctx_ids) + len(q_ids)} tokens)", enabled=not a.no_progress):
+    n = len(ctx_ids) + len(q_ids)
+    on_engine = runs_on_engine(model, a.backend)
+    if on_engine:  # its prefill does not run the model's layer modules: no per-layer bar from hooks
+        logging.getLogger("snapkv").info("prefill of %d tokens on the engine (per-layer lines on stdout: "
+                                         "SNAPKV_PREFILL_PROGRESS=1)", n)
+    with prefill_progress(model, f"prefill ({n} tokens)", enabled=not (a.no_progress or on_engine)):
         res = answer(model, tok, context, question, config, max_new_tokens=a.max_new_tokens, compress=not a.full,
                      **opts)
     fields: dict[str, Any] = {

@@ -151,6 +151,15 @@ def answer_options(backend: str) -> dict[str, Any]:
     return {}
 
 
+def runs_on_engine(model: Any, backend: str) -> bool:
+    """Whether ``answer(backend=...)`` will run the engine (False with an api that has no engine dispatch)."""
+    try:
+        from snapkv.generation.answer import resolve_backend
+    except ImportError:
+        return False
+    return resolve_backend(model, backend) == "engine"
+
+
 def run_demo(
     model: Any, tokenizer: Any, samples: list[Sample], config: SnapKVConfig, *, chat: bool | None,
     max_new_tokens: int = 8, backend: str = "auto", model_name: str = "", progress: bool = True,
@@ -164,13 +173,14 @@ def run_demo(
     opts: dict[str, Any] = {"chat": chat, "max_new_tokens": max_new_tokens, **answer_options(backend)}
     cores = os.cpu_count() or 1
     start_load, t0 = os.getloadavg()[0], time.perf_counter()
+    layer_bars = progress and not runs_on_engine(model, backend)  # the engine's prefill runs no layer modules
     rows = []
     bar = tqdm(samples, desc="demo", unit="sample", disable=not progress)
     for s in bar:
         got = {}
         for phase, compress in (("full cache", False), ("SnapKV", True)):
             bar.set_postfix_str(f"{s.label}: {phase}")
-            with prefill_progress(model, f"  prefill ({phase})", enabled=progress, position=1):
+            with prefill_progress(model, f"  prefill ({phase})", enabled=layer_bars, position=1):
                 got[phase] = answer(model, tokenizer, s.context, s.question, config, compress=compress, **opts)
         rows.append(DemoRow(s, got["full cache"], got["SnapKV"]))
     backends = {getattr(a, "backend", "transformers") for r in rows for a in (r.full, r.snap)}
