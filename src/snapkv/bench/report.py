@@ -19,6 +19,16 @@ def _f(v: float | None, fmt: str = ".2f") -> str:
     return "-" if v is None else format(v, fmt)
 
 
+def _size(gib: float | None) -> str:
+    """A GiB figure with a unit that shows it: MiB (or KiB) below 1 GiB, so small caches do not read 0.00."""
+    if gib is None:
+        return "-"
+    if gib >= 1:
+        return f"{gib:.2f} GiB"
+    mib = gib * K
+    return f"{mib:.1f} MiB" if mib >= 1 else f"{mib * K:.0f} KiB"
+
+
 def find(results: list[dict[str, Any]], label: str, length: int, batch: int = 1) -> dict[str, Any] | None:
     """The result of one point, if it was measured."""
     for r in results:
@@ -82,7 +92,7 @@ def markdown(meta: dict[str, Any], results: list[dict[str, Any]], verdicts: list
     if meta.get("warmup_s"):
         lines.append(f"- warm-up run discarded before measuring: {meta['warmup_s']:.1f} s")
     lines += ["", "| mode | batch | prompt | status | TTFT s | prefill tok/s | decode ms/token (p10-p90) | "
-              "decode tok/s | peak GiB | KV GiB alloc / kept | score % of prefill | note |",
+              "decode tok/s | peak GiB | KV alloc / kept | score % of prefill | note |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         note = r.get("message", "")[:160]
@@ -92,7 +102,7 @@ def markdown(meta: dict[str, Any], results: list[dict[str, Any]], verdicts: list
         dec = "-" if r.get("decode_ms") is None else (
             f"{r['decode_ms']:.2f} ({r['decode_ms_p10']:.2f}-{r['decode_ms_p90']:.2f})")
         share = None if r.get("score_share") is None else 100 * r["score_share"]
-        kv = "-" if r.get("kv_gib") is None else f"{r['kv_gib']:.2f} / {r['kept_kv_gib']:.2f}"
+        kv = "-" if r.get("kv_gib") is None else f"{_size(r['kv_gib'])} / {_size(r['kept_kv_gib'])}"
         lines.append(
             f"| {r['label']} | {r['batch']} | {_tokens(r['length'])} | {r['status']} | {_f(r.get('ttft_s'))} | "
             f"{_f(r.get('prefill_tok_s'), '.0f')} | {dec} | {_f(r.get('decode_tok_s'), '.0f')} | "

@@ -200,6 +200,14 @@ def warm_up(model: torch.nn.Module, sweep: Sweep) -> float:
     return time.perf_counter() - t0
 
 
+def command_line(argv: list[str]) -> str:
+    """The command as typed: ``snapkv bench ...`` from the CLI (whose argv holds ``bench``) or the module."""
+    rest = argv[1:]
+    if rest[:1] == ["bench"]:  # `snapkv bench ...`: the subcommand is already in argv
+        rest = rest[1:]
+    return " ".join(["snapkv", "bench", *rest])
+
+
 def environment(device: torch.device, model: torch.nn.Module, description: str) -> dict[str, Any]:
     """Device, versions, date and the model for the report."""
     import transformers
@@ -210,7 +218,7 @@ def environment(device: torch.device, model: torch.nn.Module, description: str) 
         "transformers": transformers.__version__,
         "python": platform.python_version(),
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": " ".join(["snapkv", "bench", *sys.argv[1:]]) if sys.argv else "",
+        "command": command_line(sys.argv),
     }
     try:
         import triton
