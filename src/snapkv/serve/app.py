@@ -165,13 +165,18 @@ def create_app(server: Server) -> FastAPI:
 
     async def _plain(call: _Call, req: Any, request: Request, rid: str, chat: bool) -> Response:
         finished = False
+        checked = time.monotonic()
         try:
             while True:
+                # Poll the connection every half second, also while tokens keep arriving (a fast decode
+                # would otherwise never let the wait time out, and a gone client would keep its row).
+                if time.monotonic() - checked >= 0.5:
+                    checked = time.monotonic()
+                    if await request.is_disconnected():
+                        return Response(status_code=499)
                 try:
                     kind, payload = await asyncio.wait_for(call.queue.get(), timeout=0.5)
                 except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return Response(status_code=499)
                     continue
                 if kind == "error":
                     finished = True
