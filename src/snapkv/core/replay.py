@@ -1,0 +1,103 @@
+"""Replay scores (KVzip): the attention each context position receives while the context is replayed.
+
+Based on Kim et al. 2025, "KVzip: Query-Agnostic KV Cache Compression with Context
+Reconstruction", arXiv:2505.23416. After the context (``L`` tokens) the model reads
+"Repeat the previous context:" followed by the context again, one chunk at a time. A chunk's
+queries see every context key and the chunk's own keys (causally); the score of a context
+position is the highest softmax probability any replay query of a KV head's query-head group
+gives it. Pure torch: the model glue lives in :mod:`snapkv.methods.kvzip`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _logits(q: torch.Tensor, k: torch.Tensor, scaling: float, softcap: float | None) -> torch.Tensor:
+    """``[B, Hkv, g*C, D] x [B, Hkv, K, D] -> [B, Hkv, g*C, K]`` fp32 logits (scaled, soft-capped)."""
+    s = torch.matmul(q, k.float().transpose(-1, -2)) * scaling
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    return s
+
+
+def replay_chunk_scores(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    context_len: int,
+    *,
+    scaling: float,
+    softcap: float | None = None,
+    key_block: int = 4096,
+) -> torch.Tensor:
+    """Highest attention probability each context key gets from one replay chunk.
+
+    Two passes over key blocks, so at most ``[B, Hq, C, key_block]`` fp32 logits are alive:
+    the first finds each query's log-sum-exp over all the keys it sees (context and its own
+    causal prefix), the second turns the context keys' logits into probabilities and keeps
+    their maximum over queries and over each KV head's query heads.
+
+    Args:
+        query: ``[B, Hq, C, D]`` post-RoPE queries of the chunk.
+        keys: ``[B, Hkv, L + C, D]`` the context's keys then the chunk's own.
+        context_len: ``L``.
+        scaling: logit scale; softcap: logit soft-cap or None.
+        key_block: keys per block.
+
+    Returns:
+        ``[B, Hkv, L]`` fp32.
+    """
+    b, hq, c, d = query.shape
+    _, hkv, total, _ = keys.shape
+    if total != context_len + c:
+        raise ValueError(f"keys hold {total} positions, expected context {context_len} + chunk {c}")
+    if hq % hkv:
+        raise ValueError(f"{hq} query heads are not a multiple of {hkv} KV heads")
+    if key_block < 1:
+        raise ValueError(f"key_block must be >= 1, got {key_block}")
+    g = hq // hkv
+    q = query.float().reshape(b, hkv, g * c, d)  # rows: (query head of the group, chunk position)
+    # Pass 1: log-sum-exp over the context keys (all visible), then the chunk's own (causal).
+    lse = torch.full((b, hkv, g * c), float("-inf"), device=query.device)
+    for start in range(0, context_len, key_block):
+        s = _logits(q, keys[:, :, start : min(start + key_block, context_len)], scaling, softcap)
+        lse = torch.logaddexp(lse, torch.logsumexp(s, dim=-1))
+    s = _logits(q, keys[:, :, context_len:], scaling, softcap)  # [B, Hkv, g*C, C]
+    row = torch.arange(c, device=query.device).repeat(g)  # chunk position of each row
+    s = s.masked_fill(torch.arange(c, device=query.device)[None, :] > row[:, None], float("-inf"))
+    lse = torch.logaddexp(lse, torch.logsumexp(s, dim=-1))
+    # Pass 2: probabilities of the context keys, max over rows (queries x group).
+    out = torch.empty((b, hkv, context_len), device=query.device)
+    for start in range(0, context_len, key_block):
+        end = min(start + key_block, context_len)
+        s = _logits(q, keys[:, :, start:end], scaling, softcap)
+        out[..., start:end] = torch.exp(s - lse[..., None]).amax(dim=-2)
+    return out
+
+
+def replay_chunk_scores_reference(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    context_len: int,
+    *,
+    scaling: float,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Dense float64 twin of :func:`replay_chunk_scores` (one softmax over the whole key row)."""
+    b, hq, c, d = query.shape
+    hkv = keys.shape[1]
+    k = keys.double().repeat_interleave(hq // hkv, dim=1)  # [B, Hq, L + C, D]
+    s = torch.matmul(query.double(), k.transpose(-1, -2)) * scaling
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    pos = torch.arange(context_len + c)
+    allowed = pos[None, :] <= (context_len + torch.arange(c))[:, None]  # [C, L + C]
+    p = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1)[..., :context_len]
+    return p.amax(dim=-2).view(b, hkv, hq // hkv, context_len).amax(dim=2)
+
+
+def replay_chunks(context_len: int, chunk: int) -> list[tuple[int, int]]:
+    """``[(start, end), ...]`` chunks of ``chunk`` context tokens (the last may be shorter)."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    return [(s, min(s + chunk, context_len)) for s in range(0, context_len, chunk)]

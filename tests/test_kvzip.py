@@ -1,0 +1,136 @@
+"""KVzip replay scores: the chunked scorer against dense float64 twins, scoping, selection, eval wiring."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from snapkv.config import SnapKVConfig
+from snapkv.core.replay import replay_chunk_scores, replay_chunk_scores_reference, replay_chunks
+from snapkv.core.selection import select_topk
+from snapkv.eval.methods import METHODS, applies
+from snapkv.integration.hf import SnapKVSession
+from snapkv.methods.kvzip import KVzip, ReplayCache, kvzip_context_cache, kvzip_scores, kvzip_scores_reference
+from tiny_models import tiny_model
+
+PROMPT = [5, 6, 7, 8]
+
+
+@pytest.mark.parametrize(("hq", "hkv", "c", "length", "block", "softcap"), [
+    (4, 2, 7, 23, 5, None), (6, 3, 1, 1, 4096, None), (8, 1, 13, 50, 7, 5.0), (2, 2, 5, 64, 64, None)])
+def test_chunk_scores_match_dense_reference(hq, hkv, c, length, block, softcap):
+    gen = torch.Generator().manual_seed(hq * 100 + length)
+    q = torch.randn(2, hq, c, 16, generator=gen) * 2
+    k = torch.randn(2, hkv, length + c, 16, generator=gen)
+    got = replay_chunk_scores(q, k, length, scaling=0.25, softcap=softcap, key_block=block)
+    ref = replay_chunk_scores_reference(q, k, length, scaling=0.25, softcap=softcap)
+    assert got.shape == (2, hkv, length) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), ref, atol=2e-6, rtol=1e-5)
+
+
+def test_chunk_scores_reject_bad_shapes():
+    q, k = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 10, 8)
+    with pytest.raises(ValueError, match="context 6"):
+        replay_chunk_scores(q, k, 6, scaling=1.0)
+    with pytest.raises(ValueError, match="key_block"):
+        replay_chunk_scores(q, k, 7, scaling=1.0, key_block=0)
+    with pytest.raises(ValueError, match="chunk"):
+        replay_chunks(10, 0)
+
+
+@pytest.mark.parametrize(("family", "length", "chunk", "overlap"), [
+    ("llama", 37, 10, 3), ("qwen2", 29, 29, 0), ("qwen3", 41, 16, 8), ("mistral", 20, 7, 2)])
+def test_kvzip_scores_match_dense_float64_replay(family, length, chunk, overlap):
+    """Chunked replay with rollback (fp64 model, sdpa) == one eager forward of all replays with a block mask."""
+    fast_model = tiny_model(family, "sdpa").double()
+    ref_model = tiny_model(family, "eager").double()
+    ids = torch.randint(3, 256, (2, length), generator=torch.Generator().manual_seed(length))
+    got = kvzip_scores(fast_model, ids, PROMPT, chunk=chunk, overlap=overlap, key_block=8)
+    ref = kvzip_scores_reference(ref_model, ids, PROMPT, chunk=chunk, overlap=overlap)
+    assert len(got) == len(ref) == fast_model.config.num_hidden_layers
+    for g, r in zip(got, ref, strict=True):
+        assert g.shape == (2, fast_model.config.num_key_value_heads, length)
+        torch.testing.assert_close(g.double(), r, atol=5e-6, rtol=1e-5)  # fp32 scoring of an fp64 model
+    # The scores separate positions (not a flat row that any selection would pass).
+    assert float(got[0].std()) > 1e-3
+
+
+def test_kvzip_scores_float32_model_close_to_float64_reference():
+    model = tiny_model("llama", "sdpa")
+    ref_model = tiny_model("llama", "eager").double()
+    ids = torch.randint(3, 256, (1, 33), generator=torch.Generator().manual_seed(1))
+    got = kvzip_scores(model, ids, PROMPT, chunk=9)
+    ref = kvzip_scores_reference(ref_model, ids, PROMPT, chunk=9)
+    for g, r in zip(got, ref, strict=True):
+        torch.testing.assert_close(g.double(), r, atol=1e-4, rtol=1e-3)
+
+
+def test_replay_is_scoped_and_rolled_back():
+    model = tiny_model("llama", "sdpa")
+    before_attn = dict(AttentionInterface._global_mapping)
+    before_mask = dict(AttentionMaskInterface._global_mapping)
+    ids = torch.randint(3, 256, (1, 19))
+    cache = ReplayCache(model.config, 19 + 20)
+    kvzip_scores(model, ids, PROMPT, chunk=8, cache=cache)
+    assert cache.get_seq_length() == 19  # the context prefilled here, every replay rolled back
+    assert model.config._attn_implementation == "sdpa"
+    assert dict(AttentionInterface._global_mapping) == before_attn
+    assert dict(AttentionMaskInterface._global_mapping) == before_mask
+    # An exception inside the replay restores the model too.
+    with pytest.raises(ValueError, match="cache holds"):
+        kvzip_scores(model, torch.randint(3, 256, (1, 5)), PROMPT, chunk=8, cache=cache)
+    bad = ReplayCache(model.config, 19 + 2)  # too small for a replay forward
+    with pytest.raises(RuntimeError, match="replay buffer"):
+        kvzip_scores(model, ids, PROMPT, chunk=8, cache=bad)
+    assert model.config._attn_implementation == "sdpa"
+    assert dict(AttentionInterface._global_mapping) == before_attn
+
+
+def test_bad_arguments_raise_before_model_work():
+    model = tiny_model("llama", "sdpa")
+    ids = torch.randint(3, 256, (1, 10))
+    with pytest.raises(ValueError, match="chunk"):
+        kvzip_scores(model, ids, PROMPT, chunk=0)
+    with pytest.raises(ValueError, match="overlap"):
+        KVzip(overlap=-1)
+    with pytest.raises(ValueError, match="context_ids"):
+        kvzip_scores(model, ids[0], PROMPT)
+    with pytest.raises(ValueError, match="all full attention"):
+        kvzip_scores(tiny_model("gemma3", "sdpa"), ids, PROMPT)
+    with pytest.raises(RuntimeError, match="fit"):
+        KVzip().score(None)
+
+
+def test_context_cache_keeps_the_top_replay_scores():
+    model = tiny_model("qwen2", "sdpa")
+    length, budget, window = 45, 16, 4
+    ids = torch.randint(3, 256, (1, length), generator=torch.Generator().manual_seed(3))
+    config = SnapKVConfig(budget=budget, window=window)
+    with torch.no_grad(), SnapKVSession(model, config, capture=True) as session:
+        cache, scores = kvzip_context_cache(session, ids, PROMPT, config, chunk=11)
+        ref = kvzip_scores(model, ids, PROMPT, chunk=11, backend="sdpa")
+        for layer, s, r in zip(cache.layers, scores, ref, strict=True):
+            torch.testing.assert_close(s, r)
+            assert layer.compressed and layer.keys.shape[-2] == budget
+            want = select_topk(s, torch.tensor([budget]), window).indices
+            assert torch.equal(layer.positions.long(), want)
+            assert set(range(length - window, length)) <= set(layer.positions[0, 0].tolist())
+        # A question continues at position L on the compressed cache.
+        q = torch.randint(3, 256, (1, 3))
+        out = model(input_ids=q, position_ids=torch.arange(length, length + 3)[None], **session.cache_kwargs(cache))
+        assert torch.isfinite(out.logits).all()
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_context_cache_needs_capture():
+    model = tiny_model("llama", "sdpa")
+    with SnapKVSession(model, SnapKVConfig(budget=16, window=4)) as session, pytest.raises(ValueError, match="capture"):
+        kvzip_context_cache(session, torch.randint(3, 256, (1, 30)), PROMPT)
+
+
+def test_eval_registry_runs_kvzip_in_context_mode_only():
+    assert METHODS["kvzip"].replay
+    assert applies("kvzip", "context")
+    assert not applies("kvzip", "query") and not applies("kvzip", "probe")
