@@ -12,10 +12,28 @@ from __future__ import annotations
 
 import torch
 
+#: Logit precisions: ``fp32`` upcasts queries and keys; ``mixed`` multiplies half-precision
+#: inputs with fp32 accumulation and output (CUDA only); ``auto`` picks ``mixed`` for CUDA
+#: half-precision inputs, else ``fp32``. Softmax, max and scores are fp32 in every case.
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "mixed")
 
-def _logits(q: torch.Tensor, k: torch.Tensor, scaling: float, softcap: float | None) -> torch.Tensor:
-    """``[B, Hkv, g*C, D] x [B, Hkv, K, D] -> [B, Hkv, g*C, K]`` fp32 logits (scaled, soft-capped)."""
-    s = torch.matmul(q, k.float().transpose(-1, -2)) * scaling
+
+def _mixed(query: torch.Tensor, precision: str) -> bool:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    half = query.dtype in (torch.float16, torch.bfloat16)
+    if precision == "mixed" and not (query.is_cuda and half):
+        raise ValueError(f"precision='mixed' needs CUDA fp16/bf16 inputs, got {query.dtype} on {query.device}")
+    return precision == "mixed" or precision == "auto" and query.is_cuda and half
+
+
+def _logits(q: torch.Tensor, k: torch.Tensor, scaling: float, softcap: float | None, mixed: bool) -> torch.Tensor:
+    """``[B*Hkv, R, D] x [B*Hkv, K, D] -> [B*Hkv, R, K]`` fp32 logits (scaled, soft-capped)."""
+    if mixed:
+        s = torch.bmm(q, k.transpose(-1, -2), out_dtype=torch.float32)
+    else:
+        s = torch.bmm(q, k.float().transpose(-1, -2))
+    s.mul_(scaling)
     if softcap is not None:
         s = torch.tanh(s / softcap) * softcap
     return s
@@ -29,6 +47,7 @@ def replay_chunk_scores(
     scaling: float,
     softcap: float | None = None,
     key_block: int = 4096,
+    precision: str = "auto",
 ) -> torch.Tensor:
     """Highest attention probability each context key gets from one replay chunk.
 
@@ -43,6 +62,7 @@ def replay_chunk_scores(
         context_len: ``L``.
         scaling: logit scale; softcap: logit soft-cap or None.
         key_block: keys per block.
+        precision: logit precision, see :data:`PRECISIONS`.
 
     Returns:
         ``[B, Hkv, L]`` fp32.
@@ -56,23 +76,26 @@ def replay_chunk_scores(
     if key_block < 1:
         raise ValueError(f"key_block must be >= 1, got {key_block}")
     g = hq // hkv
-    q = query.float().reshape(b, hkv, g * c, d)  # rows: (query head of the group, chunk position)
+    mixed = _mixed(query, precision)
+    q = query.reshape(b * hkv, g * c, d)  # rows: (query head of the group, chunk position)
+    q = q if mixed else q.float()
+    k = keys.reshape(b * hkv, total, d)
     # Pass 1: log-sum-exp over the context keys (all visible), then the chunk's own (causal).
-    lse = torch.full((b, hkv, g * c), float("-inf"), device=query.device)
+    lse = torch.full((b * hkv, g * c), float("-inf"), device=query.device)
     for start in range(0, context_len, key_block):
-        s = _logits(q, keys[:, :, start : min(start + key_block, context_len)], scaling, softcap)
+        s = _logits(q, k[:, start : min(start + key_block, context_len)], scaling, softcap, mixed)
         lse = torch.logaddexp(lse, torch.logsumexp(s, dim=-1))
-    s = _logits(q, keys[:, :, context_len:], scaling, softcap)  # [B, Hkv, g*C, C]
+    s = _logits(q, k[:, context_len:], scaling, softcap, mixed)  # [B*Hkv, g*C, C]
     row = torch.arange(c, device=query.device).repeat(g)  # chunk position of each row
     s = s.masked_fill(torch.arange(c, device=query.device)[None, :] > row[:, None], float("-inf"))
-    lse = torch.logaddexp(lse, torch.logsumexp(s, dim=-1))
+    lse = torch.logaddexp(lse, torch.logsumexp(s, dim=-1))[..., None]
     # Pass 2: probabilities of the context keys, max over rows (queries x group).
-    out = torch.empty((b, hkv, context_len), device=query.device)
+    out = torch.empty((b * hkv, context_len), device=query.device)
     for start in range(0, context_len, key_block):
         end = min(start + key_block, context_len)
-        s = _logits(q, keys[:, :, start:end], scaling, softcap)
-        out[..., start:end] = torch.exp(s - lse[..., None]).amax(dim=-2)
-    return out
+        s = _logits(q, k[:, start:end], scaling, softcap, mixed)
+        out[:, start:end] = s.sub_(lse).exp_().amax(dim=-2)
+    return out.view(b, hkv, context_len)
 
 
 def replay_chunk_scores_reference(

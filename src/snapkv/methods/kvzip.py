@@ -31,7 +31,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from snapkv.cache.compressed import SnapKVCache
 from snapkv.config import SnapKVConfig
-from snapkv.core.replay import replay_chunk_scores, replay_chunks
+from snapkv.core.replay import PRECISIONS, replay_chunk_scores, replay_chunks
 from snapkv.methods.base import Method, ScoreInputs
 
 #: The replay instruction (the paper's; chat framing goes after it, in ``prompt_ids``).
@@ -135,8 +135,8 @@ def _backend_function(name: str, module: torch.nn.Module) -> Callable[..., Any]:
 class _Recorder:
     """The scoped attention function: the backend's output, plus the running max of replay scores."""
 
-    def __init__(self, backend: str, key_block: int) -> None:
-        self.backend, self.key_block = backend, key_block
+    def __init__(self, backend: str, key_block: int, precision: str) -> None:
+        self.backend, self.key_block, self.precision = backend, key_block, precision
         self.context_len: int | None = None  # None: pass through (the context prefill)
         self.scores: dict[int, torch.Tensor] = {}
 
@@ -145,14 +145,16 @@ class _Recorder:
         out = _backend_function(self.backend, module)(module, query, key, value, attention_mask, **kwargs)
         if self.context_len is not None:
             s = replay_chunk_scores(query, key, self.context_len, scaling=kwargs.get("scaling", module.scaling),
-                                    softcap=kwargs.get("softcap"), key_block=self.key_block)
+                                    softcap=kwargs.get("softcap"), key_block=self.key_block,
+                                    precision=self.precision)
             old = self.scores.get(module.layer_idx)
             self.scores[module.layer_idx] = s if old is None else torch.maximum(old, s)
         return out
 
 
 @contextmanager
-def _scoped_recorder(model: torch.nn.Module, backend: str | None, key_block: int) -> Iterator[_Recorder]:
+def _scoped_recorder(model: torch.nn.Module, backend: str | None, key_block: int, precision: str
+                     ) -> Iterator[_Recorder]:
     """Register the recorder under a unique name, switch the model to it, restore in ``finally``."""
     previous = _text_config(model)._attn_implementation or "eager"
     backend = backend or previous
@@ -160,7 +162,7 @@ def _scoped_recorder(model: torch.nn.Module, backend: str | None, key_block: int
         raise ValueError(f"backend must be one of {BACKENDS} (the attention the replay wraps), got {backend!r}; "
                          "inside a SnapKVSession pass backend=session.backend")
     name = f"kvzip_{backend}_{next(_ids)}"
-    recorder = _Recorder(backend, key_block)
+    recorder = _Recorder(backend, key_block, precision)
     AttentionInterface.register(name, recorder)
     AttentionMaskInterface.register(name, AttentionMaskInterface._global_mapping[backend])
     try:
@@ -204,6 +206,7 @@ def kvzip_scores(
     key_block: int = 4096,
     cache: ReplayCache | None = None,
     backend: str | None = None,
+    precision: str = "auto",
 ) -> list[torch.Tensor]:
     """Per layer ``[B, Hkv, L]`` fp32 replay scores of the context ``context_ids`` (``[B, L]``, no padding).
 
@@ -222,8 +225,12 @@ def kvzip_scores(
             positions are rolled back afterwards. None (or an empty one): prefill the context here.
         backend: the attention implementation the replay wraps (default: the model's own;
             inside a :class:`~snapkv.integration.hf.SnapKVSession`, ``session.backend``).
+        precision: logit precision (:data:`~snapkv.core.replay.PRECISIONS`; ``auto``: fp32
+            accumulation of half-precision inputs on CUDA, fp32 inputs elsewhere).
     """
     _check(context_ids, chunk, key_block)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     b, length = context_ids.shape
     rows = [replay_inputs(r.tolist(), prompt_ids, chunk, overlap) for r in context_ids]
     longest = max(len(x) for x in rows[0])
@@ -232,7 +239,7 @@ def kvzip_scores(
         cache = ReplayCache(model.config, length + longest)
     elif cache.get_seq_length() not in (0, length):  # empty: the context is prefilled into it here
         raise ValueError(f"cache holds {cache.get_seq_length()} positions, the context has {length}")
-    with _scoped_recorder(model, backend, key_block) as rec:
+    with _scoped_recorder(model, backend, key_block, precision) as rec:
         if cache.get_seq_length() == 0:
             pos = torch.arange(length, device=device)[None].expand(b, -1)
             model(input_ids=context_ids, position_ids=pos, use_cache=True, logits_to_keep=1,
@@ -296,11 +303,13 @@ class KVzip(Method):
         chunk: context tokens per replay forward (default 2048).
         overlap: previous-chunk tokens repeated after the prompt (default 8).
         key_block: keys per scoring block (default 4096).
+        precision: logit precision (default ``auto``, see :func:`kvzip_scores`).
     """
 
     chunk: int = 2048
     overlap: int = 8
     key_block: int = 4096
+    precision: str = "auto"
     fitted: int = -1  # which fit the scores come from (derive() memoizes by the repr)
     scores: list[torch.Tensor] | None = field(default=None, repr=False)
     name: str = "kvzip"
@@ -309,12 +318,15 @@ class KVzip(Method):
         _check(torch.zeros(1, 1), self.chunk, self.key_block)
         if isinstance(self.overlap, bool) or not isinstance(self.overlap, int) or self.overlap < 0:
             raise ValueError(f"overlap must be an integer >= 0, got {self.overlap!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
 
     def fit(self, model: torch.nn.Module, context_ids: torch.Tensor, prompt_ids: Sequence[int], *,
             cache: ReplayCache | None = None, backend: str | None = None) -> KVzip:
         """Score ``context_ids`` by :func:`kvzip_scores` (arguments as there); returns self."""
         self.scores = kvzip_scores(model, context_ids, prompt_ids, chunk=self.chunk, overlap=self.overlap,
-                                   key_block=self.key_block, cache=cache, backend=backend)
+                                   key_block=self.key_block, cache=cache, backend=backend,
+                                   precision=self.precision)
         self.fitted = next(_ids)
         return self
 
