@@ -101,16 +101,22 @@ def test_bad_arguments_raise_before_model_work():
         kvzip_scores(tiny_model("gemma3", "sdpa"), ids, PROMPT)
     with pytest.raises(RuntimeError, match="fit"):
         KVzip().score(None)
+    with pytest.raises(ValueError, match="precision"):
+        KVzip(precision="bf16")
+    with pytest.raises(ValueError, match="mixed"):  # CUDA half-precision inputs only
+        replay_chunk_scores(torch.randn(1, 2, 3, 8), torch.randn(1, 2, 10, 8), 7, scaling=1.0, precision="mixed")
 
 
-def test_context_cache_keeps_the_top_replay_scores():
-    model = tiny_model("qwen2", "sdpa")
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_context_cache_keeps_the_top_replay_scores(family):
+    model = tiny_model(family, "sdpa")
     length, budget, window = 45, 16, 4
     ids = torch.randint(3, 256, (1, length), generator=torch.Generator().manual_seed(3))
     config = SnapKVConfig(budget=budget, window=window)
     with torch.no_grad(), SnapKVSession(model, config, capture=True) as session:
         cache, scores = kvzip_context_cache(session, ids, PROMPT, config, chunk=11)
         ref = kvzip_scores(model, ids, PROMPT, chunk=11, backend="sdpa")
+        assert model.config._attn_implementation == session._name  # the session's attention is back
         for layer, s, r in zip(cache.layers, scores, ref, strict=True):
             torch.testing.assert_close(s, r)
             assert layer.compressed and layer.keys.shape[-2] == budget
@@ -122,6 +128,22 @@ def test_context_cache_keeps_the_top_replay_scores():
         out = model(input_ids=q, position_ids=torch.arange(length, length + 3)[None], **session.cache_kwargs(cache))
         assert torch.isfinite(out.logits).all()
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_kvzip_scores_drive_head_adaptive_budgets():
+    """The replay scores serve AdaKV's ragged selection too (derive(head_budget="adaptive"))."""
+    model = tiny_model("llama", "sdpa")
+    length = 40
+    ids = torch.randint(3, 256, (1, length), generator=torch.Generator().manual_seed(4))
+    config = SnapKVConfig(budget=12, window=4)
+    with torch.no_grad(), SnapKVSession(model, config, capture=True) as session:
+        source = session.new_cache()
+        model(input_ids=ids, **session.cache_kwargs(source))
+        method = KVzip(chunk=16).fit(model, ids, PROMPT, backend="sdpa")
+        cache = session.derive(source, method=method, config=config, head_budget="adaptive")
+        for layer in cache.layers:
+            lengths = layer.ragged.lengths  # per-head kept counts; the layer's total is the uniform one
+            assert int(lengths.sum()) == 12 * lengths.numel() and lengths.min() >= 4
 
 
 def test_context_cache_needs_capture():

@@ -27,13 +27,18 @@ def _mixed(query: torch.Tensor, precision: str) -> bool:
     return precision == "mixed" or precision == "auto" and query.is_cuda and half
 
 
-def _logits(q: torch.Tensor, k: torch.Tensor, scaling: float, softcap: float | None, mixed: bool) -> torch.Tensor:
-    """``[B*Hkv, R, D] x [B*Hkv, K, D] -> [B*Hkv, R, K]`` fp32 logits (scaled, soft-capped)."""
+def _logits(q: torch.Tensor, k: torch.Tensor, scaling: float | None, softcap: float | None,
+            mixed: bool) -> torch.Tensor:
+    """``[B*Hkv, R, D] x [B*Hkv, K, D] -> [B*Hkv, R, K]`` fp32 logits, soft-capped.
+
+    ``scaling`` None: ``q`` is fp32 and already scaled (one pass less over the logits).
+    """
     if mixed:
         s = torch.bmm(q, k.transpose(-1, -2), out_dtype=torch.float32)
     else:
         s = torch.bmm(q, k.float().transpose(-1, -2))
-    s.mul_(scaling)
+    if scaling is not None:
+        s.mul_(scaling)
     if softcap is not None:
         s = torch.tanh(s / softcap) * softcap
     return s
@@ -78,24 +83,26 @@ def replay_chunk_scores(
     g = hq // hkv
     mixed = _mixed(query, precision)
     q = query.reshape(b * hkv, g * c, d)  # rows: (query head of the group, chunk position)
-    q = q if mixed else q.float()
+    # fp32: the scale goes into the queries; mixed: onto the fp32 logits (exact half inputs).
+    q, scale = (q, scaling) if mixed else (q.float() * scaling, None)
     k = keys.reshape(b * hkv, total, d)
     # Pass 1: log-sum-exp over the context keys (all visible), then the chunk's own (causal).
     lse = torch.full((b * hkv, g * c), float("-inf"), device=query.device)
     for start in range(0, context_len, key_block):
-        s = _logits(q, k[:, start : min(start + key_block, context_len)], scaling, softcap, mixed)
+        s = _logits(q, k[:, start : min(start + key_block, context_len)], scale, softcap, mixed)
         lse = torch.logaddexp(lse, torch.logsumexp(s, dim=-1))
-    s = _logits(q, k[:, context_len:], scaling, softcap, mixed)  # [B*Hkv, g*C, C]
+    s = _logits(q, k[:, context_len:], scale, softcap, mixed)  # [B*Hkv, g*C, C]
     row = torch.arange(c, device=query.device).repeat(g)  # chunk position of each row
     s = s.masked_fill(torch.arange(c, device=query.device)[None, :] > row[:, None], float("-inf"))
     lse = torch.logaddexp(lse, torch.logsumexp(s, dim=-1))[..., None]
-    # Pass 2: probabilities of the context keys, max over rows (queries x group).
+    # Pass 2: max over rows (queries x group) of the context keys' log-probabilities; exp is
+    # monotonic, so it is taken after the max, on [B*Hkv, block] only.
     out = torch.empty((b * hkv, context_len), device=query.device)
     for start in range(0, context_len, key_block):
         end = min(start + key_block, context_len)
-        s = _logits(q, k[:, start:end], scaling, softcap, mixed)
-        out[:, start:end] = s.sub_(lse).exp_().amax(dim=-2)
-    return out.view(b, hkv, context_len)
+        s = _logits(q, k[:, start:end], scale, softcap, mixed)
+        out[:, start:end] = s.sub_(lse).amax(dim=-2)
+    return out.exp_().view(b, hkv, context_len)
 
 
 def replay_chunk_scores_reference(

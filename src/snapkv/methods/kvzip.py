@@ -345,7 +345,7 @@ class KVzip(Method):
 def replay_cache_from_capture(model: torch.nn.Module, captured: dict[int, tuple[ScoreInputs, torch.Tensor]],
                               prefix: int, capacity: int) -> ReplayCache:
     """A :class:`ReplayCache` of the first ``prefix`` positions of a captured prefill (``capture=True``)."""
-    n = len(_text_config(model).layer_types or []) or _text_config(model).num_hidden_layers
+    n = _text_config(model).num_hidden_layers
     if sorted(captured) != list(range(n)):
         raise ValueError("the capture lacks layers (sliding-window layers are not captured): KVzip needs a "
                          "model whose layers are all full attention")
