@@ -24,10 +24,11 @@ def test_chunk_scores_match_dense_reference(hq, hkv, c, length, block, softcap):
     gen = torch.Generator().manual_seed(hq * 100 + length)
     q = torch.randn(2, hq, c, 16, generator=gen) * 2
     k = torch.randn(2, hkv, length + c, 16, generator=gen)
-    got = replay_chunk_scores(q, k, length, scaling=0.25, softcap=softcap, key_block=block)
     ref = replay_chunk_scores_reference(q, k, length, scaling=0.25, softcap=softcap)
-    assert got.shape == (2, hkv, length) and got.dtype == torch.float32
-    torch.testing.assert_close(got.double(), ref, atol=2e-6, rtol=1e-5)
+    for max_logits in (0, 1 << 26):  # two passes over key blocks; one matmul
+        got = replay_chunk_scores(q, k, length, scaling=0.25, softcap=softcap, key_block=block, max_logits=max_logits)
+        assert got.shape == (2, hkv, length) and got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), ref, atol=2e-6, rtol=1e-5)
 
 
 def test_chunk_scores_reject_bad_shapes():
@@ -47,7 +48,9 @@ def test_kvzip_scores_match_dense_float64_replay(family, length, chunk, overlap)
     fast_model = tiny_model(family, "sdpa").double()
     ref_model = tiny_model(family, "eager").double()
     ids = torch.randint(3, 256, (2, length), generator=torch.Generator().manual_seed(length))
-    got = kvzip_scores(fast_model, ids, PROMPT, chunk=chunk, overlap=overlap, key_block=8)
+    # max_logits=0: every chunk takes the two-pass, key-blocked path; default: one matmul.
+    max_logits = 0 if family in ("llama", "qwen3") else 1 << 26
+    got = kvzip_scores(fast_model, ids, PROMPT, chunk=chunk, overlap=overlap, key_block=8, max_logits=max_logits)
     ref = kvzip_scores_reference(ref_model, ids, PROMPT, chunk=chunk, overlap=overlap)
     assert len(got) == len(ref) == fast_model.config.num_hidden_layers
     for g, r in zip(got, ref, strict=True):

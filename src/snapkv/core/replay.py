@@ -53,13 +53,16 @@ def replay_chunk_scores(
     softcap: float | None = None,
     key_block: int = 4096,
     precision: str = "auto",
+    max_logits: int = 1 << 26,
 ) -> torch.Tensor:
     """Highest attention probability each context key gets from one replay chunk.
 
-    Two passes over key blocks, so at most ``[B, Hq, C, key_block]`` fp32 logits are alive:
-    the first finds each query's log-sum-exp over all the keys it sees (context and its own
-    causal prefix), the second turns the context keys' logits into probabilities and keeps
-    their maximum over queries and over each KV head's query heads.
+    When the chunk's logits ``[B, Hq, C, L + C]`` hold at most ``max_logits`` elements they
+    are computed once (one matmul); otherwise two passes over key blocks keep at most
+    ``[B, Hq, C, key_block]`` fp32 logits alive: the first finds each query's log-sum-exp
+    over all the keys it sees (context and its own causal prefix), the second turns the
+    context keys' logits into probabilities and keeps their maximum over queries and over
+    each KV head's query heads.
 
     Args:
         query: ``[B, Hq, C, D]`` post-RoPE queries of the chunk.
@@ -68,6 +71,7 @@ def replay_chunk_scores(
         scaling: logit scale; softcap: logit soft-cap or None.
         key_block: keys per block.
         precision: logit precision, see :data:`PRECISIONS`.
+        max_logits: the most logits computed at once in the single-matmul path.
 
     Returns:
         ``[B, Hkv, L]`` fp32.
@@ -78,22 +82,26 @@ def replay_chunk_scores(
         raise ValueError(f"keys hold {total} positions, expected context {context_len} + chunk {c}")
     if hq % hkv:
         raise ValueError(f"{hq} query heads are not a multiple of {hkv} KV heads")
-    if key_block < 1:
-        raise ValueError(f"key_block must be >= 1, got {key_block}")
+    if key_block < 1 or max_logits < 0:
+        raise ValueError(f"key_block must be >= 1 and max_logits >= 0, got {key_block}, {max_logits}")
     g = hq // hkv
     mixed = _mixed(query, precision)
     q = query.reshape(b * hkv, g * c, d)  # rows: (query head of the group, chunk position)
     # fp32: the scale goes into the queries; mixed: onto the fp32 logits (exact half inputs).
     q, scale = (q, scaling) if mixed else (q.float() * scaling, None)
     k = keys.reshape(b * hkv, total, d)
+    causal = torch.arange(c, device=query.device)[None, :] > torch.arange(c, device=query.device).repeat(g)[:, None]
+    if b * hq * c * total <= max_logits:  # one matmul: [B*Hkv, g*C, L + C]
+        s = _logits(q, k, scale, softcap, mixed)
+        s[..., context_len:].masked_fill_(causal, float("-inf"))
+        lse = torch.logsumexp(s, dim=-1, keepdim=True)
+        return s[..., :context_len].sub_(lse).amax(dim=-2).exp_().view(b, hkv, context_len)
     # Pass 1: log-sum-exp over the context keys (all visible), then the chunk's own (causal).
     lse = torch.full((b * hkv, g * c), float("-inf"), device=query.device)
     for start in range(0, context_len, key_block):
         s = _logits(q, k[:, start : min(start + key_block, context_len)], scale, softcap, mixed)
         lse = torch.logaddexp(lse, torch.logsumexp(s, dim=-1))
-    s = _logits(q, k[:, context_len:], scale, softcap, mixed)  # [B*Hkv, g*C, C]
-    row = torch.arange(c, device=query.device).repeat(g)  # chunk position of each row
-    s = s.masked_fill(torch.arange(c, device=query.device)[None, :] > row[:, None], float("-inf"))
+    s = _logits(q, k[:, context_len:], scale, softcap, mixed).masked_fill_(causal, float("-inf"))  # [.., g*C, C]
     lse = torch.logaddexp(lse, torch.logsumexp(s, dim=-1))[..., None]
     # Pass 2: max over rows (queries x group) of the context keys' log-probabilities; exp is
     # monotonic, so it is taken after the max, on [B*Hkv, block] only.

@@ -135,8 +135,8 @@ def _backend_function(name: str, module: torch.nn.Module) -> Callable[..., Any]:
 class _Recorder:
     """The scoped attention function: the backend's output, plus the running max of replay scores."""
 
-    def __init__(self, backend: str, key_block: int, precision: str) -> None:
-        self.backend, self.key_block, self.precision = backend, key_block, precision
+    def __init__(self, backend: str, key_block: int, precision: str, max_logits: int) -> None:
+        self.backend, self.key_block, self.precision, self.max_logits = backend, key_block, precision, max_logits
         self.context_len: int | None = None  # None: pass through (the context prefill)
         self.scores: dict[int, torch.Tensor] = {}
 
@@ -146,15 +146,15 @@ class _Recorder:
         if self.context_len is not None:
             s = replay_chunk_scores(query, key, self.context_len, scaling=kwargs.get("scaling", module.scaling),
                                     softcap=kwargs.get("softcap"), key_block=self.key_block,
-                                    precision=self.precision)
+                                    precision=self.precision, max_logits=self.max_logits)
             old = self.scores.get(module.layer_idx)
             self.scores[module.layer_idx] = s if old is None else torch.maximum(old, s)
         return out
 
 
 @contextmanager
-def _scoped_recorder(model: torch.nn.Module, backend: str | None, key_block: int, precision: str
-                     ) -> Iterator[_Recorder]:
+def _scoped_recorder(model: torch.nn.Module, backend: str | None, key_block: int, precision: str,
+                     max_logits: int) -> Iterator[_Recorder]:
     """Register the recorder under a unique name, switch the model to it, restore in ``finally``."""
     previous = _text_config(model)._attn_implementation or "eager"
     backend = backend or previous
@@ -162,7 +162,7 @@ def _scoped_recorder(model: torch.nn.Module, backend: str | None, key_block: int
         raise ValueError(f"backend must be one of {BACKENDS} (the attention the replay wraps), got {backend!r}; "
                          "inside a SnapKVSession pass backend=session.backend")
     name = f"kvzip_{backend}_{next(_ids)}"
-    recorder = _Recorder(backend, key_block, precision)
+    recorder = _Recorder(backend, key_block, precision, max_logits)
     AttentionInterface.register(name, recorder)
     AttentionMaskInterface.register(name, AttentionMaskInterface._global_mapping[backend])
     try:
@@ -207,6 +207,7 @@ def kvzip_scores(
     cache: ReplayCache | None = None,
     backend: str | None = None,
     precision: str = "auto",
+    max_logits: int = 1 << 26,
 ) -> list[torch.Tensor]:
     """Per layer ``[B, Hkv, L]`` fp32 replay scores of the context ``context_ids`` (``[B, L]``, no padding).
 
@@ -215,11 +216,13 @@ def kvzip_scores(
         context_ids: the context (rows of equal length).
         prompt_ids: the replay instruction's ids (:data:`DEFAULT_REPLAY_PROMPT`, tokenized,
             plus any chat framing), read before every chunk.
-        chunk: context tokens per replay forward (memory: one chunk's activations and
-            ``[B, Hq, chunk, key_block]`` fp32 logits).
+        chunk: context tokens per replay forward (memory: one chunk's activations and at
+            most ``max(max_logits, B * Hq * chunk * key_block)`` fp32 logits).
         overlap: tokens of the previous chunk repeated after the prompt, so the model knows
             where to go on (KVzip's "starting with").
-        key_block: keys per scoring block.
+        key_block: keys per scoring block when a chunk's logits exceed ``max_logits``
+            (below it, one matmul per layer and chunk; see
+            :func:`~snapkv.core.replay.replay_chunk_scores`).
         cache: the context already prefilled into a :class:`ReplayCache` (e.g. from a
             captured prefill) with room for the longest replay forward; its replay
             positions are rolled back afterwards. None (or an empty one): prefill the context here.
@@ -239,7 +242,7 @@ def kvzip_scores(
         cache = ReplayCache(model.config, length + longest)
     elif cache.get_seq_length() not in (0, length):  # empty: the context is prefilled into it here
         raise ValueError(f"cache holds {cache.get_seq_length()} positions, the context has {length}")
-    with _scoped_recorder(model, backend, key_block, precision) as rec:
+    with _scoped_recorder(model, backend, key_block, precision, max_logits) as rec:
         if cache.get_seq_length() == 0:
             pos = torch.arange(length, device=device)[None].expand(b, -1)
             model(input_ids=context_ids, position_ids=pos, use_cache=True, logits_to_keep=1,
