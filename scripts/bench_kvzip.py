@@ -123,7 +123,11 @@ def main() -> None:
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "mixed"))
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--budget-s", type=float, default=540.0,
+                        help="skip a kvzip point whose time, extrapolated quadratically from the last one, "
+                             "would end past this many seconds from the start (recorded as skipped)")
     args = parser.parse_args()
+    start = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -172,7 +176,14 @@ def main() -> None:
         runs = {"snapkv": lambda ids=ids: snapkv_prefill(model, ids, args.budget, args.window),
                 "kvzip": lambda ids=ids: kvzip_prefill(model, ids, prompt, args.budget, args.window, args.chunk,
                                                        args.precision)}
+        last = next((p for p in reversed(result["points"]) if "seconds" in p.get("kvzip", {})), None)
         for name, fn in runs.items():
+            if name == "kvzip" and last is not None:
+                guess = last["kvzip"]["seconds"] * (n / last["tokens"]) ** 2
+                if time.perf_counter() - start + guess > args.budget_s:
+                    point[name] = {"skipped": f"about {guess:.0f} s expected, past --budget-s {args.budget_s:.0f}"}
+                    print(n, name, point[name], flush=True)
+                    continue
             try:
                 point[name] = fn()
             except Exception as e:  # e.g. out of memory: recorded, the next point still runs
