@@ -74,7 +74,7 @@ def snapkv_prefill(model: torch.nn.Module, ids: torch.Tensor, budget: int, windo
 
 @torch.no_grad()
 def kvzip_prefill(model: torch.nn.Module, ids: torch.Tensor, prompt: list[int], budget: int, window: int,
-                  chunk: int, precision: str) -> dict[str, Any]:
+                  chunk: int, precision: str, split: bool = False) -> dict[str, Any]:
     """Seconds (prefill, replay, selection) and peak of KVzip's prefill + replay + compression."""
     device = ids.device
     length = ids.shape[1]
@@ -94,12 +94,32 @@ def kvzip_prefill(model: torch.nn.Module, ids: torch.Tensor, prompt: list[int], 
     for layer, s in zip(cache.layers, scores, strict=True):
         sel = select_topk(s, n_keep, window)
         kept.append((gather_positions(layer.keys, sel.indices), gather_positions(layer.values, sel.indices)))
-    del cache, scores
     _sync(device)
     t3 = time.perf_counter()
+    peak = _peak_gib(device)
+    unscored = replay_forwards(model, ids, prompt, chunk, cache) if split else None
+    del cache, scores
     return {"prefill_s": round(t1 - t0, 3), "replay_s": round(t2 - t1, 3), "select_s": round(t3 - t2, 3),
-            "seconds": round(t3 - t0, 3), "peak_gib": _peak_gib(device), "chunk": chunk,
+            "seconds": round(t3 - t0, 3), "peak_gib": peak, "chunk": chunk,
+            "replay_forwards_unscored_s": None if unscored is None else round(unscored, 3),
             "replay_forwards": len(replay_inputs(range(length), prompt, chunk, 8))}
+
+
+@torch.no_grad()
+def replay_forwards(model: torch.nn.Module, ids: torch.Tensor, prompt: list[int], chunk: int,
+                    cache: ReplayCache) -> float:
+    """Seconds of the same replay forwards without scoring (the model's own attention only)."""
+    length = ids.shape[1]
+    device = ids.device
+    _sync(device)
+    t0 = time.perf_counter()
+    for x in replay_inputs(ids[0].tolist(), prompt, chunk, 8):
+        pos = torch.arange(length, length + len(x), device=device)[None]
+        model(input_ids=torch.tensor([x], device=device), position_ids=pos, logits_to_keep=1,
+              **_cache_kwarg(model, cache))
+        cache.rollback(length)
+    _sync(device)
+    return time.perf_counter() - t0
 
 
 def check_mixed(device: torch.device) -> dict[str, Any]:
@@ -123,6 +143,8 @@ def main() -> None:
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "mixed"))
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--split", action="store_true",
+                        help="also time the replay forwards without scoring (not counted in seconds)")
     parser.add_argument("--budget-s", type=float, default=540.0,
                         help="skip a kvzip point whose time, extrapolated quadratically from the last one, "
                              "would end past this many seconds from the start (recorded as skipped)")
@@ -175,7 +197,7 @@ def main() -> None:
         point: dict[str, Any] = {"tokens": ids.shape[1]}
         runs = {"snapkv": lambda ids=ids: snapkv_prefill(model, ids, args.budget, args.window),
                 "kvzip": lambda ids=ids: kvzip_prefill(model, ids, prompt, args.budget, args.window, args.chunk,
-                                                       args.precision)}
+                                                       args.precision, args.split)}
         last = next((p for p in reversed(result["points"]) if "seconds" in p.get("kvzip", {})), None)
         for name, fn in runs.items():
             if name == "kvzip" and last is not None:
