@@ -159,3 +159,20 @@ def test_eval_registry_runs_kvzip_in_context_mode_only():
     assert METHODS["kvzip"].replay
     assert applies("kvzip", "context")
     assert not applies("kvzip", "query") and not applies("kvzip", "probe")
+
+
+def test_eval_kvzip_reuse_mode_on_one_prefill():
+    """evaluate_sample fits KVzip on the context read off the whole-prompt capture; budgets share its scores."""
+    from eval.helpers import byte_codec, tiny_gemma3, tiny_llama
+    from snapkv.eval.engine import Setting, evaluate_sample
+    from snapkv.eval.tasks import make_sample
+
+    codec = byte_codec(chat=True)
+    sample = make_sample("passkey", codec, 300, 1)
+    settings = [Setting("kvzip", "context", 40), Setting("kvzip", "context", 0.5), Setting("snapkv", "context", 40)]
+    outs = list(evaluate_sample(tiny_llama(), codec, sample, settings, window=8, max_new_tokens=3))
+    assert [o.setting for o, _ in outs] == settings
+    assert outs[0][0].kept_tokens == 40 and outs[1][0].kept_tokens == round(0.5 * len(sample.context_ids))
+    assert outs[0][0].derive_s > outs[1][0].derive_s  # the replay ran once, for the first budget
+    with pytest.raises(ValueError, match="all full attention"):
+        list(evaluate_sample(tiny_gemma3(), codec, sample, settings[:1], window=8, max_new_tokens=3))
