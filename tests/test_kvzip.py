@@ -106,6 +106,8 @@ def test_bad_arguments_raise_before_model_work():
         KVzip().score(None)
     with pytest.raises(ValueError, match="precision"):
         KVzip(precision="bf16")
+    with pytest.raises(ValueError, match="kernel"):
+        KVzip(kernel=4)
     with pytest.raises(ValueError, match="mixed"):  # CUDA half-precision inputs only
         replay_chunk_scores(torch.randn(1, 2, 3, 8), torch.randn(1, 2, 10, 8), 7, scaling=1.0, precision="mixed")
 
@@ -155,6 +157,19 @@ def test_context_cache_needs_capture():
         kvzip_context_cache(session, torch.randint(3, 256, (1, 30)), PROMPT)
 
 
+def test_pooled_scores_keep_neighbours():
+    """kernel=31 max-pools the replay scores along the sequence (the selection sees pooled scores)."""
+    from snapkv.core.scoring import pool_votes
+    from snapkv.methods.base import ScoreInputs
+
+    scores = [torch.rand(1, 2, 50)]
+    keys = torch.zeros(1, 2, 50, 4)
+    inputs = ScoreInputs(queries=keys, keys=keys, key_valid=None, window=4, scaling=1.0)
+    pooled = KVzip(kernel=31, scores=scores).score(inputs)
+    assert torch.equal(pooled, pool_votes(scores[0], 31, "max"))
+    assert torch.equal(KVzip(scores=scores).score(inputs), scores[0])
+
+
 def test_eval_registry_runs_kvzip_in_context_mode_only():
     assert METHODS["kvzip"].replay
     assert applies("kvzip", "context")
@@ -169,10 +184,11 @@ def test_eval_kvzip_reuse_mode_on_one_prefill():
 
     codec = byte_codec(chat=True)
     sample = make_sample("passkey", codec, 300, 1)
-    settings = [Setting("kvzip", "context", 40), Setting("kvzip", "context", 0.5), Setting("snapkv", "context", 40)]
+    settings = [Setting("kvzip", "context", 40), Setting("kvzip", "context", 0.5), Setting("snapkv", "context", 40),
+                Setting("kvzip-k31", "context", 40)]
     outs = list(evaluate_sample(tiny_llama(), codec, sample, settings, window=8, max_new_tokens=3))
     assert [o.setting for o, _ in outs] == settings
     assert outs[0][0].kept_tokens == 40 and outs[1][0].kept_tokens == round(0.5 * len(sample.context_ids))
-    assert outs[0][0].derive_s > outs[1][0].derive_s  # the replay ran once, for the first budget
+    assert outs[0][0].derive_s > 5 * max(outs[1][0].derive_s, outs[3][0].derive_s)  # one replay, shared
     with pytest.raises(ValueError, match="all full attention"):
         list(evaluate_sample(tiny_gemma3(), codec, sample, settings[:1], window=8, max_new_tokens=3))

@@ -6,6 +6,7 @@ captured prefill, so one prefill per sample serves all of them.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -57,7 +58,12 @@ METHODS: dict[str, EvalMethod] = {
     "h2o": EvalMethod("h2o", lambda: H2O(), "uniform", True),
     # Query-agnostic: the context's replay votes (KVzip); chunk 512 keeps CPU memory small at 2K-8K.
     "kvzip": EvalMethod("kvzip", lambda: KVzip(chunk=512), replay=True),
+    # The same replay scores max-pooled over 31 positions, as snapkv-k31 pools its votes.
+    "kvzip-k31": EvalMethod("kvzip-k31", lambda: KVzip(chunk=512, kernel=31), replay=True),
 }
+
+#: Where :func:`fit_replay` keeps the last replay of a prefill, for variants that share it.
+REPLAY_KEY = "_replay"
 
 #: ``query``: the question is in the prompt when the cache is compressed (the paper's setting).
 #: ``context``: the context alone is compressed, the question comes afterwards.
@@ -107,7 +113,8 @@ def fit_replay(model: torch.nn.Module, session: Any, methods: dict[str, Method],
                captured: dict[int, Any], context_ids: Sequence[int], codec: Any) -> None:
     """Fit a replay method (KVzip) on the first ``len(context_ids)`` tokens of a captured prefill.
 
-    Stores the fitted method in ``methods`` under its scorer name (once per prefill); other
+    Stores the fitted method in ``methods`` under its scorer name (once per prefill); replay
+    methods with the same replay settings (e.g. other pooling) share one replay; other
     methods are left alone. The replay prompt is :data:`DEFAULT_REPLAY_PROMPT` followed by the
     codec's chat framing up to the answer (``codec.tail``), so the replay is the model's answer.
     """
@@ -115,10 +122,15 @@ def fit_replay(model: torch.nn.Module, session: Any, methods: dict[str, Method],
     if not m.replay or m.scorer in methods:
         return
     kvzip = m.make()
+    done = methods.get(REPLAY_KEY)
+    if done is not None and (done.chunk, done.overlap, done.precision) == (kvzip.chunk, kvzip.overlap,
+                                                                           kvzip.precision):
+        methods[m.scorer] = dataclasses.replace(kvzip, scores=done.scores, fitted=done.fitted)  # one replay
+        return
     prompt = list(codec.encode(DEFAULT_REPLAY_PROMPT)) + list(codec.tail)
     n = len(context_ids)
     longest = max(len(x) for x in replay_inputs(range(n), prompt, kvzip.chunk, kvzip.overlap))
     cache = replay_cache_from_capture(model, captured, n, longest)
     device = next(model.parameters()).device
     ids = torch.tensor([list(context_ids)], device=device)
-    methods[m.scorer] = kvzip.fit(model, ids, prompt, cache=cache, backend=session.backend)
+    methods[m.scorer] = methods[REPLAY_KEY] = kvzip.fit(model, ids, prompt, cache=cache, backend=session.backend)

@@ -32,6 +32,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from snapkv.cache.compressed import SnapKVCache
 from snapkv.config import SnapKVConfig
 from snapkv.core.replay import PRECISIONS, replay_chunk_scores, replay_chunks
+from snapkv.core.scoring import pool_votes
 from snapkv.methods.base import Method, ScoreInputs
 
 #: The replay instruction (the paper's; chat framing goes after it, in ``prompt_ids``).
@@ -307,12 +308,15 @@ class KVzip(Method):
         overlap: previous-chunk tokens repeated after the prompt (default 8).
         key_block: keys per scoring block (default 4096).
         precision: logit precision (default ``auto``, see :func:`kvzip_scores`).
+        kernel: odd max-pooling width over the sequence applied to the scores (default 1:
+            none; SnapKV's pooling, which keeps digit-per-token numbers whole).
     """
 
     chunk: int = 2048
     overlap: int = 8
     key_block: int = 4096
     precision: str = "auto"
+    kernel: int = 1
     fitted: int = -1  # which fit the scores come from (derive() memoizes by the repr)
     scores: list[torch.Tensor] | None = field(default=None, repr=False)
     name: str = "kvzip"
@@ -323,6 +327,8 @@ class KVzip(Method):
             raise ValueError(f"overlap must be an integer >= 0, got {self.overlap!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if isinstance(self.kernel, bool) or not isinstance(self.kernel, int) or self.kernel < 1 or self.kernel % 2 == 0:
+            raise ValueError(f"kernel must be an odd integer >= 1, got {self.kernel!r}")
 
     def fit(self, model: torch.nn.Module, context_ids: torch.Tensor, prompt_ids: Sequence[int], *,
             cache: ReplayCache | None = None, backend: str | None = None) -> KVzip:
@@ -342,7 +348,7 @@ class KVzip(Method):
         if tuple(s.shape) != (b, h, length):
             raise ValueError(f"layer {inputs.layer_idx}: replay scores of shape {tuple(s.shape)} "
                              f"do not match the keys being compressed {(b, h, length)}")
-        return s.to(inputs.keys.device)
+        return pool_votes(s, self.kernel, "max").to(inputs.keys.device)
 
 
 def replay_cache_from_capture(model: torch.nn.Module, captured: dict[int, tuple[ScoreInputs, torch.Tensor]],
