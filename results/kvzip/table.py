@@ -49,3 +49,23 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def pool_table() -> None:
+    """kvzip vs kvzip-k31 on niah_single_2 (results/kvzip/pool)."""
+    path = HERE / "pool" / "records.jsonl"
+    recs = [json.loads(line) for line in path.read_text().splitlines()]
+    by = defaultdict(list)
+    for r in recs:
+        by[r["index"]].append(r)
+    done = {i for i, v in by.items() if len(v) == max(len(x) for x in by.values())}
+    print(f"\nniah_single_2, complete samples: {len(done)}\n")
+    print("| method | 256 | 512 |\n|---|---|---|")
+    for m in ("kvzip", "kvzip-k31"):
+        cells = [fmt([r["score"] for r in recs if r["index"] in done and r["method"] == m and r["budget"] == b])
+                 for b in ("256", "512")]
+        print(f"| {m} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    pool_table()
