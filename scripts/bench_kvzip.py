@@ -28,10 +28,10 @@ from typing import Any
 
 import torch
 
+from snapkv.cache.compressed import SnapKVCache
 from snapkv.config import SnapKVConfig
 from snapkv.core.replay import replay_chunk_scores
 from snapkv.core.selection import gather_positions, select_topk
-from snapkv.integration.hf import SnapKVSession
 from snapkv.methods.kvzip import ReplayCache, kvzip_scores, replay_inputs
 
 
@@ -61,14 +61,12 @@ def snapkv_prefill(model: torch.nn.Module, ids: torch.Tensor, budget: int, windo
     """Seconds and peak of SnapKV's compressing prefill."""
     device = ids.device
     _reset_peak(device)
-    with SnapKVSession(model, SnapKVConfig(budget=budget, window=window, kernel=7)) as session:
-        cache = session.new_cache()
+    with SnapKVCache(model, SnapKVConfig(budget=budget, window=window, kernel=7)) as cache:
         _sync(device)
         t0 = time.perf_counter()
-        model(input_ids=ids, logits_to_keep=1, **session.cache_kwargs(cache))
+        model(input_ids=ids, logits_to_keep=1, **_cache_kwarg(model, cache))
         _sync(device)
         sec = time.perf_counter() - t0
-    del cache
     return {"seconds": round(sec, 3), "peak_gib": _peak_gib(device)}
 
 

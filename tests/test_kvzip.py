@@ -7,11 +7,13 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from snapkv.cache.compressed import SnapKVCache
 from snapkv.config import SnapKVConfig
 from snapkv.core.replay import replay_chunk_scores, replay_chunk_scores_reference, replay_chunks
 from snapkv.core.selection import select_topk
 from snapkv.eval.methods import METHODS, applies
-from snapkv.integration.hf import SnapKVSession
+from snapkv.integration.hf import cache_argument
+from snapkv.methods import AdaptiveHeads
 from snapkv.methods.kvzip import KVzip, ReplayCache, kvzip_context_cache, kvzip_scores, kvzip_scores_reference
 from tiny_models import tiny_model
 
@@ -118,11 +120,11 @@ def test_context_cache_keeps_the_top_replay_scores(family):
     length, budget, window = 45, 16, 4
     ids = torch.randint(3, 256, (1, length), generator=torch.Generator().manual_seed(3))
     config = SnapKVConfig(budget=budget, window=window)
-    with torch.no_grad(), SnapKVSession(model, config, capture=True) as session:
-        cache, scores = kvzip_context_cache(session, ids, PROMPT, config, chunk=11)
-        ref = kvzip_scores(model, ids, PROMPT, chunk=11, backend="sdpa")
-        assert model.config._attn_implementation == session._name  # the session's attention is back
-        for layer, s, r in zip(cache.layers, scores, ref, strict=True):
+    with torch.no_grad():
+        cache, method = kvzip_context_cache(model, ids, PROMPT, config, chunk=11)
+        assert model.config._attn_implementation != "sdpa"  # the cache holds SnapKV's attention function
+        ref = kvzip_scores(model, ids, PROMPT, chunk=11)  # the model's own backend even so
+        for layer, s, r in zip(cache.layers, method.scores, ref, strict=True):
             torch.testing.assert_close(s, r)
             assert layer.compressed and layer.keys.shape[-2] == budget
             want = select_topk(s, torch.tensor([budget]), window).indices
@@ -130,31 +132,27 @@ def test_context_cache_keeps_the_top_replay_scores(family):
             assert set(range(length - window, length)) <= set(layer.positions[0, 0].tolist())
         # A question continues at position L on the compressed cache.
         q = torch.randint(3, 256, (1, 3))
-        out = model(input_ids=q, position_ids=torch.arange(length, length + 3)[None], **session.cache_kwargs(cache))
+        out = model(input_ids=q, position_ids=torch.arange(length, length + 3)[None],
+                    **{cache_argument(model): cache})
         assert torch.isfinite(out.logits).all()
+        cache.close()
     assert model.config._attn_implementation == "sdpa"
 
 
 def test_kvzip_scores_drive_head_adaptive_budgets():
-    """The replay scores serve AdaKV's ragged selection too (derive(head_budget="adaptive"))."""
+    """The replay scores serve AdaKV's ragged selection too (AdaptiveHeads wrapper)."""
     model = tiny_model("llama", "sdpa")
     length = 40
     ids = torch.randint(3, 256, (1, length), generator=torch.Generator().manual_seed(4))
     config = SnapKVConfig(budget=12, window=4)
-    with torch.no_grad(), SnapKVSession(model, config, capture=True) as session:
-        source = session.new_cache()
-        model(input_ids=ids, **session.cache_kwargs(source))
-        method = KVzip(chunk=16).fit(model, ids, PROMPT, backend="sdpa")
-        cache = session.derive(source, method=method, config=config, head_budget="adaptive")
+    with torch.no_grad(), SnapKVCache(model, config, capture=True) as source:
+        model(input_ids=ids, **{cache_argument(model): source})
+        method = KVzip(chunk=16).fit(model, ids, PROMPT)
+        cache = source.derive(AdaptiveHeads(method), config)
         for layer in cache.layers:
             lengths = layer.ragged.lengths  # per-head kept counts; the layer's total is the uniform one
             assert int(lengths.sum()) == 12 * lengths.numel() and lengths.min() >= 4
-
-
-def test_context_cache_needs_capture():
-    model = tiny_model("llama", "sdpa")
-    with SnapKVSession(model, SnapKVConfig(budget=16, window=4)) as session, pytest.raises(ValueError, match="capture"):
-        kvzip_context_cache(session, torch.randint(3, 256, (1, 30)), PROMPT)
+        cache.close()
 
 
 def test_pooled_scores_keep_neighbours():

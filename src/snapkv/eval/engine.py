@@ -174,7 +174,7 @@ def evaluate_sample(
                     if ctx is None:
                         pre, shared, ctx_len = full, 0.0, lc
                         # Replay methods (KVzip) are fitted on the context first (the replay counts in derive_s).
-                        fit_replay(model, session, full.methods, st.method, full.captured, sample.context_ids, codec)
+                        fit_replay(model, full.methods, st.method, full.cache.captured, sample.context_ids, codec)
                         cache = _derive(session, full, st, window, prefix=lc)
                     else:
                         if METHODS[st.method].replay:

@@ -109,8 +109,8 @@ def applies(method: str, mode: str) -> bool:
     return mode != "probe" or m.uses_queries and method != "h2o" and m.head_budget == "uniform"
 
 
-def fit_replay(model: torch.nn.Module, session: Any, methods: dict[str, Method], method: str,
-               captured: dict[int, Any], context_ids: Sequence[int], codec: Any) -> None:
+def fit_replay(model: torch.nn.Module, methods: dict[str, Method], method: str, captured: dict[int, Any],
+               context_ids: Sequence[int], codec: Any) -> None:
     """Fit a replay method (KVzip) on the first ``len(context_ids)`` tokens of a captured prefill.
 
     Stores the fitted method in ``methods`` under its scorer name (once per prefill); replay
@@ -133,4 +133,4 @@ def fit_replay(model: torch.nn.Module, session: Any, methods: dict[str, Method],
     cache = replay_cache_from_capture(model, captured, n, longest)
     device = next(model.parameters()).device
     ids = torch.tensor([list(context_ids)], device=device)
-    methods[m.scorer] = methods[REPLAY_KEY] = kvzip.fit(model, ids, prompt, cache=cache, backend=session.backend)
+    methods[m.scorer] = methods[REPLAY_KEY] = kvzip.fit(model, ids, prompt, cache=cache)

@@ -33,6 +33,7 @@ from snapkv.cache.compressed import SnapKVCache
 from snapkv.config import SnapKVConfig
 from snapkv.core.replay import PRECISIONS, replay_chunk_scores, replay_chunks
 from snapkv.core.scoring import pool_votes
+from snapkv.integration.hf import cache_argument, model_backend
 from snapkv.methods.base import Method, ScoreInputs
 
 #: The replay instruction (the paper's; chat framing goes after it, in ``prompt_ids``).
@@ -45,10 +46,7 @@ _ids = itertools.count()
 
 
 def _cache_kwarg(model: torch.nn.Module, cache: Any) -> dict[str, Any]:
-    import inspect
-
-    params = inspect.signature(model.forward).parameters
-    return {"cache" if "cache" in params else "past_key_values": cache}
+    return {cache_argument(model): cache}
 
 
 def _text_config(model: torch.nn.Module) -> Any:
@@ -158,10 +156,9 @@ def _scoped_recorder(model: torch.nn.Module, backend: str | None, key_block: int
                      max_logits: int) -> Iterator[_Recorder]:
     """Register the recorder under a unique name, switch the model to it, restore in ``finally``."""
     previous = _text_config(model)._attn_implementation or "eager"
-    backend = backend or previous
+    backend = backend or model_backend(model)  # the model's own, also while SnapKV's function is on it
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS} (the attention the replay wraps), got {backend!r}; "
-                         "inside a SnapKVSession pass backend=session.backend")
+        raise ValueError(f"backend must be one of {BACKENDS} (the attention the replay wraps), got {backend!r}")
     name = f"kvzip_{backend}_{next(_ids)}"
     recorder = _Recorder(backend, key_block, precision, max_logits)
     AttentionInterface.register(name, recorder)
@@ -227,8 +224,8 @@ def kvzip_scores(
         cache: the context already prefilled into a :class:`ReplayCache` (e.g. from a
             captured prefill) with room for the longest replay forward; its replay
             positions are rolled back afterwards. None (or an empty one): prefill the context here.
-        backend: the attention implementation the replay wraps (default: the model's own;
-            inside a :class:`~snapkv.integration.hf.SnapKVSession`, ``session.backend``).
+        backend: the attention implementation the replay wraps (default: the model's own,
+            also while SnapKV's attention function is enabled on it).
         precision: logit precision (:data:`~snapkv.core.replay.PRECISIONS`; ``auto``: fp32
             accumulation of half-precision inputs on CUDA, fp32 inputs elsewhere).
     """
@@ -351,20 +348,26 @@ class KVzip(Method):
         return pool_votes(s, self.kernel, "max").to(inputs.keys.device)
 
 
-def replay_cache_from_capture(model: torch.nn.Module, captured: dict[int, tuple[ScoreInputs, torch.Tensor]],
-                              prefix: int, capacity: int) -> ReplayCache:
-    """A :class:`ReplayCache` of the first ``prefix`` positions of a captured prefill (``capture=True``)."""
+def replay_cache_from_capture(model: torch.nn.Module, captured: dict[int, Any], prefix: int,
+                              capacity: int) -> ReplayCache:
+    """A :class:`ReplayCache` of the first ``prefix`` positions of a captured prefill.
+
+    ``captured`` is a capture cache's ``captured`` (``SnapKVCache(..., capture=True)``): per
+    layer a ``Capture`` with the post-RoPE keys (``inputs.keys``) and the values.
+    """
     n = _text_config(model).num_hidden_layers
     if sorted(captured) != list(range(n)):
         raise ValueError("the capture lacks layers (sliding-window layers are not captured): KVzip needs a "
                          "model whose layers are all full attention")
-    kv = [(captured[i][0].keys[:, :, :prefix], captured[i][1][:, :, :prefix]) for i in range(n)]
+    if any(getattr(c, "order", None) is not None for c in captured.values()):
+        raise ValueError("the capture holds right-padded rows; KVzip replays unpadded contexts only")
+    kv = [(captured[i].inputs.keys[:, :, :prefix], captured[i].values[:, :, :prefix]) for i in range(n)]
     return ReplayCache.from_kv(model.config, kv, prefix + capacity)
 
 
 @torch.no_grad()
 def kvzip_context_cache(
-    session: Any,
+    model: torch.nn.Module,
     context_ids: torch.Tensor,
     prompt_ids: Sequence[int],
     config: SnapKVConfig | None = None,
@@ -372,30 +375,30 @@ def kvzip_context_cache(
     chunk: int = 2048,
     overlap: int = 8,
     key_block: int = 4096,
-) -> tuple[SnapKVCache, list[torch.Tensor]]:
-    """Prefill the context in ``session`` (entered, ``capture=True``), replay it, return the compressed cache.
+    kernel: int = 1,
+) -> tuple[SnapKVCache, KVzip]:
+    """Compress a context (``[1, L]``) by its replay scores into a reusable :class:`~snapkv.SnapKVCache`.
 
-    The cache keeps ``config.budget`` context tokens per layer and KV head: the top replay
-    scores plus, as every method here, the last ``config.window`` context tokens. It becomes
-    the session's active cache; questions are then fed at positions ``L, L+1, ...``.
-    This is the adapter ``ContextCache(..., scorer="kvzip")`` can call.
+    One captured prefill of the context, the replay (:func:`kvzip_scores` reading the
+    captured KV), then ``derive()``: the cache keeps ``config.budget`` context tokens per
+    layer and KV head, the top replay scores plus, as every method here, the last
+    ``config.window`` context tokens. Questions are then fed at positions ``L, L+1, ...``.
+    The capture is closed before returning (only the kept tokens stay alive). This is the
+    adapter ``ContextCache(..., scorer="kvzip")`` and a server's document cache can call.
 
     Returns:
-        ``(cache, scores)``.
+        ``(cache, method)``: the compressed cache and the fitted :class:`KVzip` (its scores).
     """
-    if not getattr(session, "capture", False):
-        raise ValueError("kvzip_context_cache needs a SnapKVSession(..., capture=True)")
     _check(context_ids, chunk, key_block)
-    config = config or session.config
-    model = session.model
-    source = session.new_cache()
+    method = KVzip(chunk=chunk, overlap=overlap, key_block=key_block, kernel=kernel)  # validates
+    config = config or SnapKVConfig()
     length = context_ids.shape[1]
-    model(input_ids=context_ids, position_ids=torch.arange(length, device=context_ids.device)[None],
-          **session.cache_kwargs(source))
     longest = max(len(x) for x in replay_inputs(range(length), prompt_ids, chunk, overlap))
-    replay = replay_cache_from_capture(model, session.captured, length, longest)
-    method = KVzip(chunk=chunk, overlap=overlap, key_block=key_block)
-    method.fit(model, context_ids, prompt_ids, cache=replay, backend=session.backend)
-    del replay
-    cache = session.derive(source, method=method, config=config, window=config.window)
-    return cache, method.scores
+    with SnapKVCache(model, config, capture=True) as source:
+        model(input_ids=context_ids, position_ids=torch.arange(length, device=context_ids.device)[None],
+              logits_to_keep=1, **_cache_kwarg(model, source))
+        replay = replay_cache_from_capture(model, source.captured, length, longest)
+        method.fit(model, context_ids, prompt_ids, cache=replay)
+        del replay
+        cache = source.derive(method, config, window=config.window)
+    return cache, method
