@@ -125,9 +125,13 @@ def check_mixed(device: torch.device) -> dict[str, Any]:
     gen = torch.Generator(device="cpu").manual_seed(0)
     q = torch.randn(1, 32, 256, 128, generator=gen).to(device, torch.bfloat16)
     k = torch.randn(1, 8, 4096 + 256, 128, generator=gen).to(device, torch.bfloat16)
-    a = replay_chunk_scores(q, k, 4096, scaling=128**-0.5, precision="mixed")
-    b = replay_chunk_scores(q, k, 4096, scaling=128**-0.5, precision="fp32")
-    return {"max_abs_diff": float((a - b).abs().max()), "max_score": float(b.max())}
+    ref = replay_chunk_scores(q, k, 4096, scaling=128**-0.5, precision="fp32")
+    out = {"max_score": float(ref.max())}
+    for name, max_logits in (("one_matmul", 1 << 26), ("two_pass", 0)):
+        got = replay_chunk_scores(q, k, 4096, scaling=128**-0.5, precision="mixed", max_logits=max_logits,
+                                  key_block=1024)
+        out[f"max_abs_diff_{name}"] = float((got - ref).abs().max())
+    return out
 
 
 def main() -> None:
