@@ -22,7 +22,7 @@ import torch
 
 from snapkv.cache.compressed import CompressedLayer, SnapKVCache
 from snapkv.config import SnapKVConfig
-from snapkv.eval.methods import METHODS, PROBE_TEXT
+from snapkv.eval.methods import METHODS, PROBE_TEXT, fit_replay
 from snapkv.eval.tasks import Codec, Sample
 from snapkv.integration.session import SnapKVSession, wrap_method
 from snapkv.methods import Method
@@ -173,8 +173,12 @@ def evaluate_sample(
                 if st.mode == "context":
                     if ctx is None:
                         pre, shared, ctx_len = full, 0.0, lc
+                        # Replay methods (KVzip) are fitted on the context first (the replay counts in derive_s).
+                        fit_replay(model, full.methods, st.method, full.cache.captured, sample.context_ids, codec)
                         cache = _derive(session, full, st, window, prefix=lc)
                     else:
+                        if METHODS[st.method].replay:
+                            raise ValueError(f"{st.method} needs a model whose layers are all full attention")
                         pre, shared, ctx_len = ctx, ctx.seconds, ctx.length
                         cache = _derive(session, ctx, st, window)
                 else:

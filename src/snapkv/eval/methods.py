@@ -6,11 +6,16 @@ captured prefill, so one prefill per sample serves all of them.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
+
+import torch
 
 from snapkv.api import DEFAULT_PROBE
 from snapkv.methods import H2O, Method, RandomSelect, SnapKV, StreamingLLM
+from snapkv.methods.kvzip import DEFAULT_REPLAY_PROMPT, KVzip, replay_cache_from_capture, replay_inputs
 
 
 @dataclass(frozen=True)
@@ -24,6 +29,8 @@ class EvalMethod:
         uses_queries: whether scores come from prompt queries (so a probe window can help).
         head_budget: ``uniform`` (every KV head keeps the budget) or ``adaptive`` (AdaKV: the
             layer's heads share the total, ragged cache).
+        replay: the method scores by replaying the context (KVzip): it is fitted on the
+            context before deriving (:func:`fit_replay`) and runs in ``context`` mode only.
     """
 
     name: str
@@ -31,6 +38,7 @@ class EvalMethod:
     profile: str = "uniform"
     uses_queries: bool = False
     head_budget: str = "uniform"
+    replay: bool = False
 
     @property
     def scorer(self) -> str:
@@ -48,7 +56,14 @@ METHODS: dict[str, EvalMethod] = {
     "streaming": EvalMethod("streaming", lambda: StreamingLLM(sinks=4)),
     "random": EvalMethod("random", lambda: RandomSelect(seed=0)),
     "h2o": EvalMethod("h2o", lambda: H2O(), "uniform", True),
+    # Query-agnostic: the context's replay votes (KVzip); chunk 512 keeps CPU memory small at 2K-8K.
+    "kvzip": EvalMethod("kvzip", lambda: KVzip(chunk=512), replay=True),
+    # The same replay scores max-pooled over 31 positions, as snapkv-k31 pools its votes.
+    "kvzip-k31": EvalMethod("kvzip-k31", lambda: KVzip(chunk=512, kernel=31), replay=True),
 }
+
+#: Where :func:`fit_replay` keeps the last replay of a prefill, for variants that share it.
+REPLAY_KEY = "_replay"
 
 #: ``query``: the question is in the prompt when the cache is compressed (the paper's setting).
 #: ``context``: the context alone is compressed, the question comes afterwards.
@@ -82,10 +97,40 @@ def resolve_modes(names: Sequence[str]) -> list[str]:
 def applies(method: str, mode: str) -> bool:
     """Whether ``method`` is evaluated in ``mode``.
 
-    ``full`` runs once (query mode); ``probe`` needs votes from prompt queries and a cache
+    ``full`` runs once (query mode); replay methods score the context alone (context mode);
+    ``probe`` needs votes from prompt queries and a cache
     whose probe slots can be cut (not H2O's accumulated scores, not the ragged AdaKV cache).
     """
     m = METHODS[method]
     if m.make is None:
         return mode == "query"
+    if m.replay:
+        return mode == "context"
     return mode != "probe" or m.uses_queries and method != "h2o" and m.head_budget == "uniform"
+
+
+def fit_replay(model: torch.nn.Module, methods: dict[str, Method], method: str, captured: dict[int, Any],
+               context_ids: Sequence[int], codec: Any) -> None:
+    """Fit a replay method (KVzip) on the first ``len(context_ids)`` tokens of a captured prefill.
+
+    Stores the fitted method in ``methods`` under its scorer name (once per prefill); replay
+    methods with the same replay settings (e.g. other pooling) share one replay; other
+    methods are left alone. The replay prompt is :data:`DEFAULT_REPLAY_PROMPT` followed by the
+    codec's chat framing up to the answer (``codec.tail``), so the replay is the model's answer.
+    """
+    m = METHODS[method]
+    if not m.replay or m.scorer in methods:
+        return
+    kvzip = m.make()
+    done = methods.get(REPLAY_KEY)
+    if done is not None and (done.chunk, done.overlap, done.precision) == (kvzip.chunk, kvzip.overlap,
+                                                                           kvzip.precision):
+        methods[m.scorer] = dataclasses.replace(kvzip, scores=done.scores, fitted=done.fitted)  # one replay
+        return
+    prompt = list(codec.encode(DEFAULT_REPLAY_PROMPT)) + list(codec.tail)
+    n = len(context_ids)
+    longest = max(len(x) for x in replay_inputs(range(n), prompt, kvzip.chunk, kvzip.overlap))
+    cache = replay_cache_from_capture(model, captured, n, longest)
+    device = next(model.parameters()).device
+    ids = torch.tensor([list(context_ids)], device=device)
+    methods[m.scorer] = methods[REPLAY_KEY] = kvzip.fit(model, ids, prompt, cache=cache)

@@ -10,7 +10,8 @@ from typing import Any
 from snapkv.eval.report import METHOD_ORDER, budget_key, group
 
 COLORS = {"snapkv": "tab:blue", "snapkv-k31": "tab:red", "adakv": "tab:cyan", "pyramidkv": "tab:purple",
-          "h2o": "tab:green", "streaming": "tab:orange", "random": "tab:gray"}
+          "h2o": "tab:green", "streaming": "tab:orange", "random": "tab:gray", "kvzip": "tab:brown",
+          "kvzip-k31": "tab:olive"}
 STYLES = {"query": "-", "context": ":", "probe": "--"}
 NEEDLE_TASKS = ("passkey", "niah_single_1", "niah_single_2", "niah_single_3")
 

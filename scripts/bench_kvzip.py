@@ -1,0 +1,227 @@
+"""Prefill cost of KVzip replay scoring against SnapKV's compressing prefill (seconds, peak memory).
+
+Per prompt length, on the same random prompt:
+
+* ``snapkv``: one prefill inside a SnapKVSession (each layer compressed right after its attention);
+* ``kvzip``: the context prefilled into a :class:`ReplayCache` (full KV, room for one replay
+  chunk), then the replay (chunked, rolled back, scores recorded), then per-layer top-k and
+  gather of the kept tokens. Reported split into prefill / replay / select and in total.
+
+GPU, one H200 (Llama-3-8B shape, random bf16 weights; about 6-8 minutes)::
+
+    PYTHONPATH=src python scripts/bench_kvzip.py --model llama3-8b --device cuda \\
+        --lengths 32768,131072 --out $OUT/kvzip.json
+
+CPU (SmolLM2, a 2K passkey prompt)::
+
+    PYTHONPATH=src OMP_NUM_THREADS=1 python scripts/bench_kvzip.py --model smollm2 --lengths 2048 \\
+        --chunk 512 --threads 1 --out results/kvzip/cost_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from snapkv.cache.compressed import SnapKVCache
+from snapkv.config import SnapKVConfig
+from snapkv.core.replay import replay_chunk_scores
+from snapkv.core.selection import gather_positions, select_topk
+from snapkv.methods.kvzip import ReplayCache, kvzip_scores, replay_inputs
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def _cache_kwarg(model: torch.nn.Module, cache: Any) -> dict[str, Any]:
+    import inspect
+
+    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+
+
+@torch.no_grad()
+def snapkv_prefill(model: torch.nn.Module, ids: torch.Tensor, budget: int, window: int) -> dict[str, Any]:
+    """Seconds and peak of SnapKV's compressing prefill."""
+    device = ids.device
+    _reset_peak(device)
+    with SnapKVCache(model, SnapKVConfig(budget=budget, window=window, kernel=7)) as cache:
+        _sync(device)
+        t0 = time.perf_counter()
+        model(input_ids=ids, logits_to_keep=1, **_cache_kwarg(model, cache))
+        _sync(device)
+        sec = time.perf_counter() - t0
+    return {"seconds": round(sec, 3), "peak_gib": _peak_gib(device)}
+
+
+@torch.no_grad()
+def kvzip_prefill(model: torch.nn.Module, ids: torch.Tensor, prompt: list[int], budget: int, window: int,
+                  chunk: int, precision: str, split: bool = False) -> dict[str, Any]:
+    """Seconds (prefill, replay, selection) and peak of KVzip's prefill + replay + compression."""
+    device = ids.device
+    length = ids.shape[1]
+    longest = max(len(x) for x in replay_inputs(range(length), prompt, chunk, 8))
+    _reset_peak(device)
+    cache = ReplayCache(model.config, length + longest)
+    _sync(device)
+    t0 = time.perf_counter()
+    model(input_ids=ids, logits_to_keep=1, **_cache_kwarg(model, cache))
+    _sync(device)
+    t1 = time.perf_counter()
+    scores = kvzip_scores(model, ids, prompt, chunk=chunk, cache=cache, precision=precision)
+    _sync(device)
+    t2 = time.perf_counter()
+    kept = []
+    n_keep = torch.tensor([budget], device=device)
+    for layer, s in zip(cache.layers, scores, strict=True):
+        sel = select_topk(s, n_keep, window)
+        kept.append((gather_positions(layer.keys, sel.indices), gather_positions(layer.values, sel.indices)))
+    _sync(device)
+    t3 = time.perf_counter()
+    peak = _peak_gib(device)
+    unscored = replay_forwards(model, ids, prompt, chunk, cache) if split else None
+    del cache, scores
+    return {"prefill_s": round(t1 - t0, 3), "replay_s": round(t2 - t1, 3), "select_s": round(t3 - t2, 3),
+            "seconds": round(t3 - t0, 3), "peak_gib": peak, "chunk": chunk,
+            "replay_forwards_unscored_s": None if unscored is None else round(unscored, 3),
+            "replay_forwards": len(replay_inputs(range(length), prompt, chunk, 8))}
+
+
+@torch.no_grad()
+def replay_forwards(model: torch.nn.Module, ids: torch.Tensor, prompt: list[int], chunk: int,
+                    cache: ReplayCache) -> float:
+    """Seconds of the same replay forwards without scoring (the model's own attention only)."""
+    length = ids.shape[1]
+    device = ids.device
+    _sync(device)
+    t0 = time.perf_counter()
+    for x in replay_inputs(ids[0].tolist(), prompt, chunk, 8):
+        pos = torch.arange(length, length + len(x), device=device)[None]
+        model(input_ids=torch.tensor([x], device=device), position_ids=pos, logits_to_keep=1,
+              **_cache_kwarg(model, cache))
+        cache.rollback(length)
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def check_mixed(device: torch.device) -> dict[str, Any]:
+    """Mixed-precision logits (bf16 inputs, fp32 accumulation) against fp32 ones on random tensors."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    q = torch.randn(1, 32, 256, 128, generator=gen).to(device, torch.bfloat16)
+    k = torch.randn(1, 8, 4096 + 256, 128, generator=gen).to(device, torch.bfloat16)
+    ref = replay_chunk_scores(q, k, 4096, scaling=128**-0.5, precision="fp32")
+    out = {"max_score": float(ref.max())}
+    for name, max_logits in (("one_matmul", 1 << 26), ("two_pass", 0)):
+        got = replay_chunk_scores(q, k, 4096, scaling=128**-0.5, precision="mixed", max_logits=max_logits,
+                                  key_block=1024)
+        out[f"max_abs_diff_{name}"] = float((got - ref).abs().max())
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="llama3-8b", help="a random shape of snapkv.bench.models, or smollm2")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--lengths", default="32768,131072")
+    parser.add_argument("--chunk", type=int, default=2048)
+    parser.add_argument("--budget", type=int, default=2048)
+    parser.add_argument("--window", type=int, default=32)
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "mixed"))
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--split", action="store_true",
+                        help="also time the replay forwards without scoring (not counted in seconds)")
+    parser.add_argument("--budget-s", type=float, default=540.0,
+                        help="skip a kvzip point whose time, extrapolated quadratically from the last one, "
+                             "would end past this many seconds from the start (recorded as skipped)")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    lengths = [int(x) for x in args.lengths.split(",") if x]
+    result: dict[str, Any] = {"model": args.model, "device": str(device), "torch": torch.__version__,
+                              "budget": args.budget, "window": args.window, "points": []}
+    if args.model == "smollm2":
+        from snapkv.eval.runner import codec_for, load
+        from snapkv.eval.tasks import make_sample
+        from snapkv.methods.kvzip import DEFAULT_REPLAY_PROMPT
+
+        model, tok = load("smollm2")
+        codec = codec_for(tok)
+        prompt = list(codec.encode(DEFAULT_REPLAY_PROMPT)) + list(codec.tail)
+
+        def ids_for(n: int) -> torch.Tensor:
+            return torch.tensor([list(make_sample("passkey", codec, n, 0, 0).context_ids)], device=device)
+    else:
+        from snapkv.bench.models import random_model
+
+        model = random_model(args.model, device=device, dtype=torch.bfloat16 if device.type == "cuda" else
+                             torch.float32)
+        prompt = [t % model.config.vocab_size for t in (17, 2031, 3, 905, 611, 28, 77, 400, 12)]  # any 9 tokens
+
+        def ids_for(n: int) -> torch.Tensor:
+            gen = torch.Generator(device="cpu").manual_seed(n)
+            return torch.randint(100, model.config.vocab_size, (1, n), generator=gen).to(device)
+    if device.type == "cuda":
+        try:
+            result["mixed_check"] = check_mixed(device)
+        except Exception as e:  # bf16 x bf16 -> fp32 bmm missing: say so and score in fp32
+            result["mixed_check"] = {"error": repr(e)[:500]}
+            if args.precision == "auto":
+                args.precision = "fp32"
+                print("NOTE: mixed-precision logits unavailable, scoring with --precision fp32", flush=True)
+        print("mixed check", result["mixed_check"], flush=True)
+    result["precision"] = args.precision
+    # Warm-up on a short prompt (kernels, allocator), discarded.
+    warm = ids_for(min(lengths[0], 1024))
+    snapkv_prefill(model, warm, min(args.budget, warm.shape[1] // 2), args.window)
+    kvzip_prefill(model, warm, prompt, min(args.budget, warm.shape[1] // 2), args.window,
+                  min(args.chunk, 512), args.precision)
+    for n in lengths:
+        ids = ids_for(n)
+        point: dict[str, Any] = {"tokens": ids.shape[1]}
+        runs = {"snapkv": lambda ids=ids: snapkv_prefill(model, ids, args.budget, args.window),
+                "kvzip": lambda ids=ids: kvzip_prefill(model, ids, prompt, args.budget, args.window, args.chunk,
+                                                       args.precision, args.split)}
+        last = next((p for p in reversed(result["points"]) if "seconds" in p.get("kvzip", {})), None)
+        for name, fn in runs.items():
+            if name == "kvzip" and last is not None:
+                guess = last["kvzip"]["seconds"] * (n / last["tokens"]) ** 2
+                if time.perf_counter() - start + guess > args.budget_s:
+                    point[name] = {"skipped": f"about {guess:.0f} s expected, past --budget-s {args.budget_s:.0f}"}
+                    print(n, name, point[name], flush=True)
+                    continue
+            try:
+                point[name] = fn()
+            except Exception as e:  # e.g. out of memory: recorded, the next point still runs
+                point[name] = {"error": repr(e)[:500]}
+            print(n, name, point[name], flush=True)
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps({**result, "points": [*result["points"], point]}, indent=1))
+        if "seconds" in point["snapkv"] and "seconds" in point["kvzip"]:
+            point["kvzip_over_snapkv"] = round(point["kvzip"]["seconds"] / point["snapkv"]["seconds"], 2)
+        result["points"].append(point)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
