@@ -14,8 +14,6 @@ import logging
 import os
 from typing import Any
 
-import torch
-
 from snapkv.config import POOLINGS, REDUCTIONS, SnapKVConfig
 
 log = logging.getLogger("snapkv.serve")
@@ -143,6 +141,8 @@ def run(a: argparse.Namespace) -> int:
 
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _config(a)  # bad settings fail before the model loads
+    import torch  # here, not at import: `snapkv serve --help` and argument errors answer at once
+
     dtype = getattr(torch, a.dtype) if a.dtype else (torch.float32 if a.device == "cpu" else torch.bfloat16)
     model, tokenizer = load_model(a.model, device=a.device, dtype=dtype)
     server = build_server(model, tokenizer, a)
