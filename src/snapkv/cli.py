@@ -49,7 +49,8 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
     """Shows every default; keeps the description's line breaks."""
 
 
-def _budget(text: str) -> int | float:
+def parse_budget(text: str) -> int | float:
+    """A ``--budget`` value: tokens (int) or the fraction kept (float); argparse error otherwise."""
     try:
         return int(text)
     except ValueError:
@@ -65,9 +66,9 @@ def _add_config(p: argparse.ArgumentParser, budget: int | float | str) -> None:
     g = p.add_argument_group("SnapKV")
     text = "tokens kept per layer and KV head, window included (int > window), or fraction kept"
     if isinstance(budget, str):  # argparse leaves the attribute unset; the command fills it in
-        g.add_argument("--budget", type=_budget, default=argparse.SUPPRESS, help=f"{text} (default: {budget})")
+        g.add_argument("--budget", type=parse_budget, default=argparse.SUPPRESS, help=f"{text} (default: {budget})")
     else:
-        g.add_argument("--budget", type=_budget, default=budget, help=text)
+        g.add_argument("--budget", type=parse_budget, default=budget, help=text)
     g.add_argument("--window", type=int, default=32, help="observation window: the last tokens vote, all kept")
     g.add_argument("--kernel", type=int, default=7, help="odd pooling kernel along the sequence")
     g.add_argument("--pooling", choices=POOLINGS, default="max", help="pooling of the votes")

@@ -14,21 +14,11 @@ import logging
 import os
 from typing import Any
 
+from snapkv.cli import parse_budget
 from snapkv.config import POOLINGS, REDUCTIONS, SnapKVConfig
 
 log = logging.getLogger("snapkv.serve")
 BACKENDS: tuple[str, ...] = ("auto", "engine", "transformers")
-
-
-def _budget(text: str) -> int | float:
-    try:
-        return int(text)
-    except ValueError:
-        try:
-            return float(text)
-        except ValueError:
-            msg = f"budget must be tokens (int) or a fraction in (0, 1], got {text!r}"
-            raise argparse.ArgumentTypeError(msg) from None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="engine (batched, Llama-family), transformers (any model, not batched), auto (engine "
                         "when the model allows it)")
     g = p.add_argument_group("SnapKV defaults (requests override them in extra_body={'snapkv': {...}})")
-    g.add_argument("--budget", type=_budget, default=1024, help="tokens kept per layer/head (default 1024)")
+    g.add_argument("--budget", type=parse_budget, default=1024, help="tokens kept per layer/head (default 1024)")
     g.add_argument("--window", type=int, default=32)
     g.add_argument("--kernel", type=int, default=7)
     g.add_argument("--pooling", choices=POOLINGS, default="max")
