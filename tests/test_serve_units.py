@@ -16,7 +16,7 @@ from snapkv.serve.backend import PrefillJob
 from snapkv.serve.batcher import EngineBackend
 from snapkv.serve.doc_cache import DocCache, DocEntry
 from snapkv.serve.extend import compress_context, extend, method_for
-from snapkv.serve.sampling import SamplingParams, top_p_filter
+from snapkv.serve.sampling import SamplingParams, make_generator, sample_token
 from snapkv.serve.scheduler import Request, Scheduler
 from snapkv.serve.textstream import TextStream
 from tiny_models import tiny_model
@@ -157,11 +157,22 @@ def test_text_stream_pieces_join_to_the_text(stop):
     assert "".join(pieces) == stream.text == expected
 
 
-def test_top_p_keeps_the_smallest_nucleus():
-    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
-    out = top_p_filter(probs, 0.75)
-    torch.testing.assert_close(out, torch.tensor([0.625, 0.375, 0.0, 0.0]))
-    assert torch.equal(top_p_filter(probs, 1.0), probs)
+def test_server_sampling_is_the_engines():
+    """The server draws through the engine's sampler: greedy is the argmax, a seed fixes the draw, and
+    top-p keeps the draw inside the nucleus (0.5 + 0.3 reach 0.75: tokens 0 and 1 only)."""
+    from snapkv.generation.sampling import SamplingParams as EngineSampling
+    from snapkv.generation.sampling import sample_with
+
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    assert int(sample_token(logits, SamplingParams(temperature=0.0), None)) == 0
+    params = SamplingParams(temperature=1.0, top_p=0.75, seed=7)
+    draws = [int(sample_token(logits, params, make_generator(params, torch.device("cpu")))) for _ in range(3)]
+    assert len(set(draws)) == 1
+    gen = EngineSampling(temperature=1.0, top_p=0.75, seed=7).generator("cpu")
+    assert draws[0] == int(sample_with(logits[None], EngineSampling(temperature=1.0, top_p=0.75, seed=7), gen)[0])
+    gen = make_generator(SamplingParams(temperature=1.0, top_p=0.75, seed=1), torch.device("cpu"))
+    seen = {int(sample_token(logits, SamplingParams(temperature=1.0, top_p=0.75), gen)) for _ in range(200)}
+    assert seen == {0, 1}
 
 
 def test_sampling_params_validate():

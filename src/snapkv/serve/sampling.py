@@ -1,4 +1,4 @@
-"""Per-request sampling: greedy at temperature 0, else temperature and nucleus (top-p) with a seed.
+"""Per-request sampling settings; the draw itself is the engine's (greedy, or temperature and top-p, seeded).
 
 The decode step itself stays greedy (captured once); rows that sample draw their token from
 the step's logits with their own parameters and their own seeded generator, so one request's
@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
+from snapkv.generation.sampling import SamplingParams as EngineSampling
+from snapkv.generation.sampling import sample_with
 
 
 @dataclass(slots=True)
@@ -48,31 +51,17 @@ class SamplingParams:
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
     """The request's generator on ``device`` (None for greedy requests)."""
-    if params.greedy:
-        return None
-    gen = torch.Generator(device=device)
-    if params.seed is None:
-        gen.seed()
-    else:
-        gen.manual_seed(params.seed)
-    return gen
+    return _engine_params(params).generator(device)
 
 
-def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Zero all but the smallest set of tokens whose mass reaches ``top_p`` (``probs [V]``), renormalised."""
-    if top_p >= 1.0:
-        return probs
-    sorted_p, order = probs.sort(descending=True)
-    before = sorted_p.cumsum(0) - sorted_p  # mass of the tokens ranked above each one
-    sorted_p = torch.where(before < top_p, sorted_p, torch.zeros_like(sorted_p))
-    out = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-    return out / out.sum()
+def _engine_params(params: SamplingParams) -> EngineSampling:
+    return EngineSampling(temperature=params.temperature, top_p=params.top_p, seed=params.seed)
 
 
 def sample_token(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> torch.Tensor:
-    """One token (0-d tensor) from ``logits [V]``: argmax when greedy, else a seeded draw."""
-    if params.greedy:
-        return logits.argmax()
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
-    probs = top_p_filter(probs, params.top_p)
-    return torch.multinomial(probs, 1, generator=gen)[0]
+    """One token (0-d tensor) from ``logits [V]``: argmax when greedy, else a seeded draw.
+
+    The engine's sampler (:func:`snapkv.generation.sampling.sample_with`: temperature, top-p nucleus,
+    exponential-trick draw), so the server and ``Engine.generate`` choose tokens the same way.
+    """
+    return sample_with(logits[None], _engine_params(params), gen)[0]
