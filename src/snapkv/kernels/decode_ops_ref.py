@@ -37,14 +37,20 @@ def rope_append_ref(
 ) -> torch.Tensor:
     """Same contract as :func:`snapkv.kernels.decode_ops.rope_append` (``index_copy_`` into the caches)."""
     b, d = cos.shape
-    c, s = cos[:, None, :], sin[:, None, :]  # [B, 1, D]
-    qh = q.view(b, -1, d)
-    kh = k.view(b, -1, d)
-    q_rot = (qh * c) + (_rotate_half(qh) * s)
-    k_rot = (kh * c) + (_rotate_half(kh) * s)
+    q_rot, k_rot = rope_qk(q, k, cos, sin)
     k_cache.index_copy_(2, write_pos, k_rot[:, :, None, :])
     v_cache.index_copy_(2, write_pos, v.view(b, -1, d)[:, :, None, :])
     return q_rot
+
+
+def rope_qk(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotated queries ``[B, Hq, D]`` and keys ``[B, Hkv, D]`` of projections ``[B, H * D]`` (``cos, sin [B, D]``)."""
+    b, d = cos.shape
+    c, s = cos[:, None, :], sin[:, None, :]  # [B, 1, D]
+    qh, kh = q.view(b, -1, d), k.view(b, -1, d)
+    return (qh * c) + (_rotate_half(qh) * s), (kh * c) + (_rotate_half(kh) * s)
 
 
 def silu_mul_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import torch
 
-from snapkv.generation.adapter import rotate_half
 from snapkv.generation.fused import FusedOps
 from snapkv.generation.static_cache import DecodeState, StaticKVCache
+from snapkv.kernels.decode_ops_ref import rope_qk
 
 
 class SlotKVCache(StaticKVCache):
@@ -202,11 +202,8 @@ def rope_append_rows(
     own slot of ``k_cache, v_cache [B, Hkv, cap, D]``.
     """
     b, d = cos.shape
-    c, s = cos[:, None, :], sin[:, None, :]  # [B, 1, D]
-    qh, kh = q.view(b, -1, d), k.view(b, -1, d)
-    q_rot = (qh * c) + (rotate_half(qh) * s)
-    k_rot = (kh * c) + (rotate_half(kh) * s)
-    idx = write_pos.view(b, 1, 1, 1).expand(b, kh.shape[1], 1, d)
+    q_rot, k_rot = rope_qk(q, k, cos, sin)
+    idx = write_pos.view(b, 1, 1, 1).expand(b, k_rot.shape[1], 1, d)
     k_cache.scatter_(2, idx, k_rot[:, :, None, :].to(k_cache.dtype))
     v_cache.scatter_(2, idx, v.view(b, -1, d)[:, :, None, :].to(v_cache.dtype))
     return q_rot
