@@ -266,7 +266,7 @@ def test_document_cache_hit(server, client, smollm2):
     assert a.choices[0].text == b.choices[0].text
 
 
-@pytest.mark.slow  # flaky: the first request sometimes leaves its row early (health shows 1 busy, 0 queued)
+@pytest.mark.slow  # flaky (2-3 of 5 runs here): the third request is sometimes admitted; see issue 12's note
 def test_transformers_backend_queue_full_429(smollm2, client):
     """A second server: transformers backend (not batched), one row, one queue place: the third request gets 429.
 
@@ -282,7 +282,9 @@ def test_transformers_backend_queue_full_429(smollm2, client):
         assert text.choices[0].message.content == engine_text.choices[0].message.content
         # Long enough that the first request still decodes when the third arrives, even on a fast machine;
         # leaving the `with` blocks disconnects both streams, which cancels them.
-        body = {"model": MODEL, "prompt": "Count: one, two,", "max_tokens": 400, "stream": True}
+        # Greedy: no eos in these 400 tokens (a sampled one, at OpenAI's default temperature 1, could end the
+        # first request early and free its row).
+        body = {"model": MODEL, "prompt": "Count: one, two,", "max_tokens": 400, "temperature": 0, "stream": True}
         with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as a:
             next(a.iter_lines())
             with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as b:
