@@ -48,6 +48,26 @@ def decode_one_token(parts: DecoderParts, cache: StaticKVCache, tokens: torch.Te
     return logits
 
 
+def fresh_cublas_workspaces() -> None:
+    """Drop torch's cached cuBLAS workspaces, so that a graph captured next allocates its own.
+
+    torch keys cuBLAS workspaces by (handle, stream), and a destroyed CUDA graph frees the
+    workspaces of the stream it was captured on (pytorch/pytorch#193402). A graph that captured
+    a workspace cached before its capture (allocated by eager work, or by another graph on the
+    same stream) keeps its raw address, and replays into freed memory once that happens:
+    CUBLAS_STATUS_EXECUTION_FAILED or an illegal address under memory pressure. Cleared right
+    before capture, the capture allocates its workspace inside the graph's own memory pool,
+    which outlives any such free (the block only goes back to that pool). Uses torch's private
+    ``torch._C._cuda_clearCublasWorkspaces`` (the only way torch exposes); a build without it
+    raises rather than capturing unsafely.
+    """
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is None:
+        raise RuntimeError("this torch build has no torch._C._cuda_clearCublasWorkspaces; decode graphs cannot "
+                           "own their cuBLAS workspace (pass use_graph=False)")
+    clear()
+
+
 class DecodeRunner:
     """Decode steps over one static cache: captured once as a CUDA graph, then replayed.
 
@@ -86,6 +106,7 @@ class DecodeRunner:
             self.next_tokens = torch.zeros_like(self.tokens)
             self.logits = torch.zeros(cache.batch, parts.vocab_size, dtype=parts.dtype, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
+        self._capture_stream: torch.cuda.Stream | None = None
         self.pool = pool
         self.capture_s = 0.0
         self.ops = self._pick_ops(fused, device)
@@ -126,7 +147,8 @@ class DecodeRunner:
         self.cache.check_room(1)
         state = self.cache.state()
         saved = self.tokens.clone()
-        stream = torch.cuda.Stream()
+        # The runner's own stream for warm-up and capture: not torch.cuda.graph's shared default capture stream.
+        stream = self._capture_stream = torch.cuda.Stream(self.cache.keys.device)
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(warmup):  # each warm-up step writes the same slot, then is undone
@@ -134,8 +156,10 @@ class DecodeRunner:
                 self.cache.rewind(state)
                 self.tokens.copy_(saved)
         torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        fresh_cublas_workspaces()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool, stream=stream):
             self._step()
         self.graph = graph
         torch.cuda.synchronize()
