@@ -266,7 +266,6 @@ def test_document_cache_hit(server, client, smollm2):
     assert a.choices[0].text == b.choices[0].text
 
 
-@pytest.mark.slow  # flaky (2-3 of 5 runs here): the third request is sometimes admitted; see issue 12's note
 def test_transformers_backend_queue_full_429(smollm2, client):
     """A second server: transformers backend (not batched), one row, one queue place: the third request gets 429.
 
@@ -275,19 +274,21 @@ def test_transformers_backend_queue_full_429(smollm2, client):
     model, tok = smollm2
     engine_text = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=12, temperature=0)
     with running_server(model, tok, "--backend", "transformers", "--max-batch", "1", "--max-queue", "1",
-                        "--budget", "64", "--window", "8", "--max-new-tokens", "400") as (base, srv):
+                        "--budget", "64", "--window", "8", "--max-new-tokens", "4000") as (base, srv):
         assert _health(base)["backend"] == "transformers"
         c = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=120)
         text = c.chat.completions.create(model=MODEL, messages=ASK, max_tokens=12, temperature=0)
         assert text.choices[0].message.content == engine_text.choices[0].message.content
-        # Long enough that the first request still decodes when the third arrives, even on a fast machine;
-        # leaving the `with` blocks disconnects both streams, which cancels them.
-        # Greedy: no eos in these 400 tokens (a sampled one, at OpenAI's default temperature 1, could end the
-        # first request early and free its row).
-        body = {"model": MODEL, "prompt": "Count: one, two,", "max_tokens": 400, "temperature": 0, "stream": True}
-        with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as a:
-            next(a.iter_lines())
-            with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as b:
+        # 4000 tokens: the first request still decodes when the third arrives however fast the machine (400 ran
+        # out on a quiet one); leaving the `with` blocks disconnects both streams, which cancels them.
+        # Greedy: no eos (a sampled token, at OpenAI's default temperature 1, could end the first request early).
+        body = {"model": MODEL, "prompt": "Count: one, two,", "max_tokens": 4000, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=300) as a:
+            # Keep the line iterator: a discarded one closes the response when collected, which the server
+            # rightly takes for a disconnect and cancels the first request (this test's old flakiness).
+            lines = a.iter_lines()
+            next(lines)
+            with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=300) as b:
                 assert b.status_code == 200
                 deadline = time.monotonic() + 10  # the first request holds the row, the second waits
                 while (h := _health(base))["queued"] != 1 and time.monotonic() < deadline:
