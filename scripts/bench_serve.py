@@ -247,6 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=4096,
                    help="slot room for generated tokens per row (covers the arrival phase of distinct prefills)")
     p.add_argument("--fill-max-tokens", type=int, default=512, help="the same for rows filled from a document")
+    p.add_argument("--full-fill", action="store_true",
+                   help="fill the full-cache rows from the document too (its --fill-counts): both caches then start "
+                        "their decode phase together, with every row at its kept prompt, for a like-for-like decode "
+                        "throughput")
     p.add_argument("--steady-steps", type=int, default=64)
     p.add_argument("--prefill-chunk", type=int, default=8192)
     p.add_argument("--time-budget-s", type=float, default=540.0, help="skip what is left after this long")
@@ -273,7 +277,9 @@ def main(argv: list[str] | None = None) -> int:
         if time.monotonic() < deadline:
             results["repeated"].append(repeated_document(model, a, length, a.budget))
             save()
-        results["runs"] += run_config(model, a, length, None, a.full_counts, False, deadline)
+        full_fill = fill and a.full_fill
+        results["runs"] += run_config(model, a, length, None, a.fill_counts if full_fill else a.full_counts,
+                                      full_fill, deadline)
         save()
     print(f"wrote {out_dir / 'bench_serve.json'} in {time.monotonic() - start:.0f} s", file=sys.stderr)
     return 0

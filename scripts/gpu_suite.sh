@@ -17,6 +17,9 @@
 # Gemma 3 (4B text shape, random weights) on the engine's own-layer path vs transformers (its own call):
 #   STAGES="env gemma" bash scripts/gpu_suite.sh       -> $OUT/gemma/gemma.{json,md}
 #   STAGES="env gemma_compile" bash scripts/gpu_suite.sh   (the decode step compiled; its own call)
+# The server (scripts/bench_serve.py; serve32 about 5 minutes, serve128 about 4) and the decode step's kernels:
+#   STAGES="env graphws profile serve32" bash scripts/gpu_suite.sh   -> $OUT/{graphws.txt,profile,serve}
+#   STAGES="env serve128" bash scripts/gpu_suite.sh
 # Head-adaptive budgets (ragged cache; about 4 minutes, its own call):
 #   STAGES="env ragged" bash scripts/gpu_suite.sh      -> $OUT/ragged/{layer,engine,hf_model}.json
 set -u -o pipefail
@@ -83,6 +86,35 @@ fi
 if [[ " $STAGES " == *" gemma_compile "* ]]; then
   stage "gemma_compile: the same shape, decode step through torch.compile then captured (opt-in compile_decode)"
   timeout 560 "$PY" scripts/bench_gemma.py --modes engine+compile --no-check --out "$OUT/gemma_compile" || status=1
+fi
+
+if [[ " $STAGES " == *" graphws "* ]]; then
+  stage "graphws: a decode graph survives another graph's destruction (cuBLAS workspace ownership)"
+  timeout 200 "$PY" scripts/repro_graph_workspace.py 2>&1 | tee "$OUT/graphws.txt" || status=1
+  timeout 200 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_graph_workspace.py 2>&1 | tail -3 \
+    | tee -a "$OUT/graphws.txt" || status=1
+fi
+
+if [[ " $STAGES " == *" profile "* ]]; then
+  stage "profile: kernels of one captured decode step, llama3-8b shape, budget 2048"
+  timeout 200 "$PY" scripts/profile_decode.py --out "$OUT/profile/decode.json" || status=1
+fi
+
+if [[ " $STAGES " == *" serve32 "* ]]; then
+  stage "serve32: 16 x 32K, SnapKV vs full cache; distinct documents (arrival), then filled from one document"
+  timeout 330 "$PY" scripts/bench_serve.py --model llama3-8b --device cuda --lengths 32768 --fill-from-document \
+    --counts 16 --full-counts 16 --max-tokens 8192 --steady-steps 64 --time-budget-s 280 \
+    --out "$OUT/serve/distinct32k" || status=1
+  timeout 200 "$PY" scripts/bench_serve.py --model llama3-8b --device cuda --lengths 32768 \
+    --fill-from-document 32768 --fill-counts 16 --full-fill --fill-max-tokens 512 --steady-steps 128 \
+    --time-budget-s 160 --out "$OUT/serve/fill32k" || status=1
+fi
+
+if [[ " $STAGES " == *" serve128 "* ]]; then
+  stage "serve128: 128K documents: how many rows decode at once (filled from one document), full cache beside"
+  timeout 300 "$PY" scripts/bench_serve.py --model llama3-8b --device cuda --lengths 131072 \
+    --fill-from-document 131072 --fill-counts 32 64 --full-counts 1 --steady-steps 64 --time-budget-s 260 \
+    --out "$OUT/serve/fill128k" || status=1
 fi
 
 if [[ " $STAGES " == *" sweep "* ]]; then
