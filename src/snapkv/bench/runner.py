@@ -20,7 +20,6 @@ from snapkv.bench import report
 from snapkv.bench.measure import MODES, Result, measure
 from snapkv.bench.models import load_bench_model
 from snapkv.bench.sweeps import Sweep, gpu_points, grid, preset, split_parts
-from snapkv.generation.decode import fresh_cublas_workspaces
 
 GiB = 1024**3
 
@@ -153,8 +152,6 @@ def linear_floor_ms(model: torch.nn.Module, batch: int = 1, reps: int = 20) -> f
             for m, x in zip(linears, inputs, strict=True):
                 m(x)
         torch.cuda.current_stream().wait_stream(stream)
-        torch.cuda.synchronize()
-        fresh_cublas_workspaces()  # the graph owns its workspace (see its docstring)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=stream):
             for m, x in zip(linears, inputs, strict=True):

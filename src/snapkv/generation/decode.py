@@ -48,26 +48,6 @@ def decode_one_token(parts: DecoderParts, cache: StaticKVCache, tokens: torch.Te
     return logits
 
 
-def fresh_cublas_workspaces() -> None:
-    """Drop torch's cached cuBLAS workspaces, so that a graph captured next allocates its own.
-
-    torch keys cuBLAS workspaces by (handle, stream), and a destroyed CUDA graph frees the
-    workspaces of the stream it was captured on (pytorch/pytorch#193402). A graph that captured
-    a workspace cached before its capture (allocated by eager work, or by another graph on the
-    same stream) keeps its raw address, and replays into freed memory once that happens:
-    CUBLAS_STATUS_EXECUTION_FAILED or an illegal address under memory pressure. Cleared right
-    before capture, the capture allocates its workspace inside the graph's own memory pool,
-    which outlives any such free (the block only goes back to that pool). Uses torch's private
-    ``torch._C._cuda_clearCublasWorkspaces`` (the only way torch exposes); a build without it
-    raises rather than capturing unsafely.
-    """
-    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
-    if clear is None:
-        raise RuntimeError("this torch build has no torch._C._cuda_clearCublasWorkspaces; decode graphs cannot "
-                           "own their cuBLAS workspace (pass use_graph=False)")
-    clear()
-
-
 class DecodeRunner:
     """Decode steps over one static cache: captured once as a CUDA graph, then replayed.
 
@@ -145,6 +125,10 @@ class DecodeRunner:
 
         t0 = time.perf_counter()
         self.cache.check_room(1)
+        # Every stream's pending work first: the cache may have been allocated and initialised on another
+        # thread's stream (the server builds it on the main thread and captures on its decode stream); a
+        # warm-up that overtook those initialisations read garbage write positions (out-of-bounds scatters).
+        torch.cuda.synchronize(self.cache.keys.device)
         state = self.cache.state()
         saved = self.tokens.clone()
         # The runner's own stream for warm-up and capture: not torch.cuda.graph's shared default capture stream.
@@ -157,7 +141,6 @@ class DecodeRunner:
                 self.tokens.copy_(saved)
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
-        fresh_cublas_workspaces()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool, stream=stream):
             self._step()

@@ -90,6 +90,8 @@ class EngineBackend:
         self._decode_stream = torch.cuda.Stream(self.device, priority=-1) if cuda else None
         self._prefill_stream = torch.cuda.Stream(self.device) if cuda else None
         self._prefill_lock = threading.Lock()  # one prefill at a time
+        if cuda:  # the slots were initialised on this thread's stream; the scheduler thread decodes on another
+            torch.cuda.synchronize(self.device)
 
     # -- planning --------------------------------------------------------------------------------
     def row_slots(self, prompt_tokens: int, config: SnapKVConfig, context_tokens: int) -> int:
