@@ -143,6 +143,34 @@ def _interpreter_main(seed: int) -> None:
     ref = replay_chunk_scores_reference(x["query"], x["keys"], x["context_len"], **kw)
     print(json.dumps({"name": "dispatch_explicit", "triton_calls": n_triton, "torch_calls": len(calls) - n_triton,
                       **_compare(got, ref.float())}), flush=True)
+    mod.replay_attention_scores_triton = kernel
+    for case in MODEL_CASES:
+        print(json.dumps({"name": case["name"], **run_model_case(case, seed)}), flush=True)
+
+
+#: Whole replays of tiny fp32 models through the kernel: ``kernel`` also computes the replay's
+#: attention output (every later layer reads it), ``backend`` only the scores.
+MODEL_CASES = [
+    dict(name="model_llama_kernel_attention", family="llama", attention="kernel", length=37, chunk=10, overlap=3),
+    dict(name="model_qwen3_kernel_attention", family="qwen3", attention="kernel", length=23, chunk=23, overlap=0),
+    dict(name="model_llama_backend_attention", family="llama", attention="backend", length=30, chunk=8, overlap=2),
+]
+
+
+def run_model_case(case: dict[str, Any], seed: int) -> dict[str, Any]:
+    """kvzip_scores through the kernel against the torch path and the dense float64 replay."""
+    from snapkv.methods.kvzip import kvzip_scores, kvzip_scores_reference
+    from tiny_models import tiny_model
+
+    model = tiny_model(case["family"], "sdpa")
+    ids = torch.randint(3, 256, (2, case["length"]), generator=torch.Generator().manual_seed(seed))
+    kw = dict(chunk=case["chunk"], overlap=case["overlap"])
+    got = kvzip_scores(model, ids, [5, 6, 7, 8], score_backend="triton", attention=case["attention"], **kw)
+    twin = kvzip_scores(model, ids, [5, 6, 7, 8], score_backend="torch", attention="backend", **kw)
+    dense = kvzip_scores_reference(tiny_model(case["family"], "eager").double(), ids, [5, 6, 7, 8], **kw)
+    return {"twin": _compare(torch.stack(got), torch.stack(twin), rtol=1e-4, atol=1e-6),
+            "dense": _compare(torch.stack(got), torch.stack(dense).float(), rtol=1e-3, atol=1e-4),
+            "spread": float(torch.stack(got).std())}
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +196,14 @@ def test_kernel_matches_twins_interpreter(case: dict[str, Any], interpreter_resu
     _check_result(case["name"], results[case["name"]], seed)
     if case["values"]:
         assert results[case["name"]]["attn_dtype"] == f"torch.{case['dtype']}"
+
+
+@pytest.mark.parametrize("case", MODEL_CASES, ids=[c["name"] for c in MODEL_CASES])
+def test_model_replay_through_kernel_interpreter(case: dict[str, Any], interpreter_results: Any) -> None:
+    seed, results = interpreter_results
+    r = results[case["name"]]
+    assert r["twin"]["allclose"] and r["dense"]["allclose"], f"seed {seed}: {r}"
+    assert r["spread"] > 1e-3, r  # the scores separate positions
 
 
 def test_explicit_backend_dispatch_interpreter(interpreter_results: Any) -> None:
@@ -238,6 +274,27 @@ def test_explicit_triton_without_triton_raises() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr + proc.stdout
+
+
+def test_replay_backend_arguments_raise_before_model_work() -> None:
+    from snapkv.methods.kvzip import KVzip, kvzip_scores
+    from tiny_models import tiny_model
+
+    model = tiny_model("llama", "sdpa")
+    ids = torch.randint(3, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="score_backend must be one of"):
+        kvzip_scores(model, ids, [5], chunk=4, score_backend="cuda")
+    with pytest.raises(ValueError, match="attention must be one of"):
+        kvzip_scores(model, ids, [5], chunk=4, attention="flash")
+    with pytest.raises(ValueError, match="needs score_backend 'triton'"):  # CPU: auto scores resolve to torch
+        kvzip_scores(model, ids, [5], chunk=4, attention="kernel")
+    with pytest.raises(ValueError, match="needs an sdpa or flash backend"):
+        kvzip_scores(tiny_model("llama", "eager"), ids, [5], chunk=4, score_backend="triton", attention="kernel")
+    with pytest.raises(ValueError, match="attention must be one of"):
+        KVzip(attention="none")
+    with pytest.raises(ValueError, match="score_backend must be one of"):
+        KVzip(score_backend="cuda")
+    assert model.config._attn_implementation == "sdpa"  # the scope restored it
 
 
 def _bad_inputs() -> list[tuple[str, dict[str, Any]]]:
