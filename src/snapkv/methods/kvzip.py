@@ -179,7 +179,7 @@ class _Recorder:
         return out
 
 
-def _resolve_backends(model: torch.nn.Module, backend: str | None, score_backend: str, attention: str
+def resolve_replay_backends(model: torch.nn.Module, backend: str | None, score_backend: str, attention: str
                       ) -> tuple[str, str, bool]:
     """``(attention backend, score backend, fused)`` for this model, ``auto`` resolved."""
     backend = backend or model_backend(model)  # the model's own, also while SnapKV's function is on it
@@ -210,7 +210,7 @@ def _scoped_recorder(model: torch.nn.Module, backend: str | None, key_block: int
                      ) -> Iterator[_Recorder]:
     """Register the recorder under a unique name, switch the model to it, restore in ``finally``."""
     previous = _text_config(model)._attn_implementation or "eager"
-    backend, score_backend, fused = _resolve_backends(model, backend, score_backend, attention)
+    backend, score_backend, fused = resolve_replay_backends(model, backend, score_backend, attention)
     name = f"kvzip_{backend}_{next(_ids)}"
     recorder = _Recorder(backend, key_block, precision, max_logits, score_backend, fused)
     AttentionInterface.register(name, recorder)
