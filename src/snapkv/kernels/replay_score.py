@@ -251,8 +251,9 @@ def _launch(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor | None
     else:
         dv, sv, so = 1, (0, 0, 0), (0, 0, 0)
     block_dv = _block(dv, 16, _MAX_HEAD_DIM)
-    bm1 = block_m or (64 if f32 or wide else 128)
-    bn1 = block_n or (32 if f32 or wide else 64)
+    # Tiles sized so that q, and k and v staged three deep, fit in ~130 KB of shared memory.
+    bm1 = block_m or (32 if f32 and wide else 64 if f32 or wide else 128)
+    bn1 = block_n or (16 if f32 and wide else 32 if f32 or wide else 64)
     bm1 = min(bm1, _block(n_rows, 16, bm1))
     _replay_lse_kernel[(triton.cdiv(n_rows, bm1), b * hkv)](
         query, keys, values if values is not None else lse, lse, attn if attn is not None else lse,
