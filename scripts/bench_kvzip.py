@@ -110,6 +110,25 @@ def estimate_peak_bytes(config: Any, length: int, chunk: int, prompt_len: int, p
             "peak": weights + kv + max(work, replay)}
 
 
+def flops_estimate(config: Any, length: int, chunk: int, prompt_len: int) -> dict[str, float]:
+    """FLOPs of SnapKV's prefill and of KVzip with the fused kernel (an estimate, not a measurement).
+
+    Prefill: linear layers ``2 * params`` per token plus causal attention (QK and PV over half
+    the ``L x L`` square). KVzip adds the replay: linear layers for ``L`` tokens plus prompt and
+    overlap per chunk, the kernel's first pass (QK and PV of every replay query against all
+    context keys: the full square, twice the prefill's causal half), its second pass (QK only).
+    """
+    layers, h, hq = config.num_hidden_layers, config.hidden_size, config.num_attention_heads
+    hkv, inter = config.num_key_value_heads, config.intermediate_size
+    d = getattr(config, "head_dim", None) or h // hq
+    per_token = 2 * layers * (h * d * (hq + 2 * hkv) + hq * d * h + 3 * h * inter)
+    square = 2 * length * length * hq * d * layers  # one L x L matmul over all heads and layers
+    replay_tokens = length + -(-length // chunk) * (prompt_len + 8)
+    snapkv = per_token * length + square  # QK + PV on the causal half
+    kvzip = snapkv + per_token * replay_tokens + 2 * square + square
+    return {"snapkv": snapkv, "kvzip": kvzip, "ratio": round(kvzip / snapkv, 2)}
+
+
 def fit_length(config: Any, length: int, chunk: int, prompt_len: int, free: int, weights_loaded: bool) -> int:
     """``length``, or the largest multiple of 8192 whose estimated peak fits ``free`` (90%)."""
     def need(n: int) -> int:
@@ -253,7 +272,8 @@ def main() -> None:
 
         cfg_name, kwargs = RANDOM_SHAPES[args.model]
         config = getattr(transformers, cfg_name)(**kwargs)
-        est = {n: {k: round(v / 2**30, 2) for k, v in estimate_peak_bytes(config, n, args.chunk, 9).items()}
+        est = {n: {**{k: round(v / 2**30, 2) for k, v in estimate_peak_bytes(config, n, args.chunk, 9).items()},
+                   "flops_ratio_kvzip_over_snapkv": flops_estimate(config, n, args.chunk, 9)["ratio"]}
                for n in lengths}
         print(json.dumps({"model": args.model, "chunk": args.chunk, "gib": est}, indent=1))
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -317,7 +337,8 @@ def main() -> None:
                       min(args.chunk, 512), args.precision, **kw)
     for n in lengths:
         ids = ids_for(n)
-        point: dict[str, Any] = {"tokens": ids.shape[1]}
+        point: dict[str, Any] = {"tokens": ids.shape[1],
+                                 "flops_estimate": flops_estimate(model.config, n, args.chunk, len(prompt))}
         if requested[n] != n:
             point["requested_tokens"] = requested[n]
 

@@ -324,6 +324,59 @@ def test_launcher_rejects_bad_inputs(match: str, kwargs: dict[str, Any]) -> None
 
 
 # ---------------------------------------------------------------------------------------------
+# The GPU benchmark's sizing (CPU): memory estimate, length fitting, a CPU run of the script.
+
+
+def _bench() -> Any:
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_kvzip.py"
+    spec = importlib.util.spec_from_file_location("bench_kvzip", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_memory_estimate_and_fitting() -> None:
+    import transformers
+
+    from snapkv.bench.models import RANDOM_SHAPES
+
+    bench = _bench()
+    cfg_name, kwargs = RANDOM_SHAPES["llama3-8b"]
+    config = getattr(transformers, cfg_name)(**kwargs)
+    est = bench.estimate_peak_bytes(config, 131072, 2048, 9)
+    assert abs(est["weights"] / 2 - 8.03e9) < 0.01e9  # Llama-3-8B: 8.03B parameters in bf16
+    assert est["kv"] == 2 * 2 * 32 * 8 * 128 * (131072 + 2048 + 9 + 8)  # bf16 K and V, context + one replay
+    assert est["replay_extra"] < 2**30 < est["prefill_work"]  # the replay holds no chunk x L tensor
+    assert 40 * 2**30 < est["peak"] < 60 * 2**30
+    free = est["peak"] - est["weights"]
+    assert bench.fit_length(config, 131072, 2048, 9, int(free / 0.9) + 1, True) == 131072
+    shrunk = bench.fit_length(config, 131072, 2048, 9, 20 * 2**30, True)
+    assert shrunk % 8192 == 0 and 8192 <= shrunk < 131072
+    need = bench.estimate_peak_bytes(config, shrunk, 2048, 9)
+    assert need["peak"] - need["weights"] <= 0.9 * 20 * 2**30
+    f = bench.flops_estimate(config, 131072, 2048, 9)
+    assert 3 < f["ratio"] < 4 and bench.flops_estimate(config, 32768, 2048, 9)["ratio"] < f["ratio"]
+
+
+def test_bench_runs_on_cpu(tmp_path: Any) -> None:
+    out = tmp_path / "kvzip.json"
+    script = __import__("pathlib").Path(__file__).resolve().parents[1] / "scripts" / "bench_kvzip.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(script), "--model", "tiny-llama", "--lengths", "128", "--chunk", "32",
+                           "--budget", "32", "--window", "8", "--out", str(out)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    point = json.loads(out.read_text())["points"][0]
+    assert point["tokens"] == 128 and point["snapkv"]["seconds"] > 0
+    for name in ("kvzip", "kvzip_backend_attention", "kvzip_torch_scores"):
+        assert point[name]["score_backend"] == "torch" and point[name]["seconds"] > 0, point[name]
+
+
+# ---------------------------------------------------------------------------------------------
 # CUDA.
 
 
