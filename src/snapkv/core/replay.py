@@ -279,8 +279,8 @@ def replay_chunk_scores_reference(
     s = torch.matmul(query.double(), k.transpose(-1, -2)) * scaling
     if softcap is not None:
         s = torch.tanh(s / softcap) * softcap
-    pos = torch.arange(context_len + c)
-    allowed = pos[None, :] <= (context_len + torch.arange(c))[:, None]  # [C, L + C]
+    pos = torch.arange(context_len + c, device=query.device)
+    allowed = pos[None, :] <= (context_len + torch.arange(c, device=query.device))[:, None]  # [C, L + C]
     p = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1)[..., :context_len]
     return p.amax(dim=-2).view(b, hkv, hq // hkv, context_len).amax(dim=2)
 

@@ -180,8 +180,13 @@ class _Recorder:
 
 
 def resolve_replay_backends(model: torch.nn.Module, backend: str | None, score_backend: str, attention: str
-                      ) -> tuple[str, str, bool]:
-    """``(attention backend, score backend, fused)`` for this model, ``auto`` resolved."""
+                            ) -> tuple[str, str, bool]:
+    """What :func:`kvzip_scores` runs for this model: ``(attention backend, score backend, fused)``.
+
+    ``backend`` None is the model's own; ``score_backend`` and ``attention`` as in
+    :func:`kvzip_scores`, ``auto`` resolved by the model's device and dtype. ``fused``: the
+    kernel computes the replay's attention output. ValueError for a combination that cannot run.
+    """
     backend = backend or model_backend(model)  # the model's own, also while SnapKV's function is on it
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} (the attention the replay wraps), got {backend!r}")
