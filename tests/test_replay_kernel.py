@@ -146,14 +146,15 @@ def _interpreter_main(seed: int) -> None:
     mod.replay_attention_scores_triton = kernel
     for case in MODEL_CASES:
         print(json.dumps({"name": case["name"], **run_model_case(case, seed)}), flush=True)
+    print(json.dumps({"name": "replay_largest_tensor", **largest_replay_tensors()}), flush=True)
 
 
 #: Whole replays of tiny fp32 models through the kernel: ``kernel`` also computes the replay's
 #: attention output (every later layer reads it), ``backend`` only the scores.
 MODEL_CASES = [
-    dict(name="model_llama_kernel_attention", family="llama", attention="kernel", length=37, chunk=10, overlap=3),
+    dict(name="model_llama_kernel_attention", family="llama", attention="kernel", length=29, chunk=10, overlap=3),
     dict(name="model_qwen3_kernel_attention", family="qwen3", attention="kernel", length=23, chunk=23, overlap=0),
-    dict(name="model_llama_backend_attention", family="llama", attention="backend", length=30, chunk=8, overlap=2),
+    dict(name="model_llama_backend_attention", family="llama", attention="backend", length=21, chunk=8, overlap=2),
 ]
 
 
@@ -171,6 +172,51 @@ def run_model_case(case: dict[str, Any], seed: int) -> dict[str, Any]:
     return {"twin": _compare(torch.stack(got), torch.stack(twin), rtol=1e-4, atol=1e-6),
             "dense": _compare(torch.stack(got), torch.stack(dense).float(), rtol=1e-3, atol=1e-4),
             "spread": float(torch.stack(got).std())}
+
+
+def largest_replay_tensors() -> dict[str, Any]:
+    """Elements of the largest tensor the replay allocates (context already prefilled), per path.
+
+    Counted by a dispatch mode over every op output whose storage is new (views and in-place
+    writes excluded); the kernel's own tiles live inside the kernel.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    from snapkv.integration.hf import cache_argument
+    from snapkv.methods.kvzip import ReplayCache, kvzip_scores, replay_inputs
+    from tiny_models import tiny_model
+
+    class Largest(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.largest, self.op = 0, ""
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            out = func(*args, **(kwargs or {}))
+            ins = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                   if isinstance(t, torch.Tensor)}
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in ins:
+                    n = t.untyped_storage().nbytes() // t.element_size()
+                    if n > self.largest:
+                        self.largest, self.op = n, f"{func} {tuple(t.shape)}"
+            return out
+
+    model = tiny_model("llama", "sdpa")
+    length, chunk, prompt = 300, 64, [5, 6, 7, 8]
+    ids = torch.randint(3, 256, (1, length), generator=torch.Generator().manual_seed(0))
+    longest = max(len(x) for x in replay_inputs(range(length), prompt, chunk, 4))
+    cache = ReplayCache(model.config, length + longest)
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=True, logits_to_keep=1, **{cache_argument(model): cache})
+    result: dict[str, Any] = {"chunk_x_context": longest * length}
+    for name, sb, att in (("kernel", "triton", "kernel"), ("torch", "torch", "backend")):
+        mode = Largest()
+        with mode:
+            kvzip_scores(model, ids, prompt, chunk=chunk, overlap=4, cache=cache, score_backend=sb, attention=att)
+        result[name], result[f"{name}_op"] = mode.largest, mode.op
+    return result
 
 
 @pytest.fixture(scope="module")
@@ -204,6 +250,14 @@ def test_model_replay_through_kernel_interpreter(case: dict[str, Any], interpret
     r = results[case["name"]]
     assert r["twin"]["allclose"] and r["dense"]["allclose"], f"seed {seed}: {r}"
     assert r["spread"] > 1e-3, r  # the scores separate positions
+
+
+def test_kernel_replay_allocates_nothing_chunk_by_context(interpreter_results: Any) -> None:
+    """With the kernel the replay's largest tensor is an activation, not ``chunk x L``; the torch path's is."""
+    _, results = interpreter_results
+    r = results["replay_largest_tensor"]
+    assert r["kernel"] < r["chunk_x_context"] // 2, r
+    assert r["torch"] >= r["chunk_x_context"], r  # the logits: the measure sees what it should
 
 
 def test_explicit_backend_dispatch_interpreter(interpreter_results: Any) -> None:
