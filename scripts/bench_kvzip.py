@@ -351,7 +351,8 @@ def main() -> None:
             runs["kvzip_backend_attention"] = lambda: run_kvzip(attention="backend")
             runs["kvzip_torch_scores"] = lambda: run_kvzip(score_backend="torch", attention="backend")
         last = next((p for p in reversed(result["points"]) if "seconds" in p.get("kvzip", {})), None)
-        for name, fn in runs.items():
+        queue = list(runs.items())
+        for name, fn in queue:
             if name.startswith("kvzip") and last is not None:
                 # An 8B prefill's FLOPs grow ~10x from 32K to 128K (linear layers + attention): ^1.7.
                 guess = last["kvzip"]["seconds"] * (n / last["tokens"]) ** 1.7
@@ -363,6 +364,13 @@ def main() -> None:
                 point[name] = fn()
             except Exception as e:  # e.g. out of memory: recorded, the next point still runs
                 point[name] = {"error": repr(e)[:500]}
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if name == "kvzip" and "kvzip_backend_attention" not in runs:
+                    # Recorded as its own variant (not as "kvzip"): the kernel's failure stays visible.
+                    runs["kvzip_backend_attention"] = lambda: run_kvzip(attention="backend")
+                    runs["kvzip_torch_scores"] = lambda: run_kvzip(score_backend="torch", attention="backend")
+                    queue += [(k, runs[k]) for k in ("kvzip_backend_attention", "kvzip_torch_scores")]
             print(n, name, point[name], flush=True)
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps({**result, "points": [*result["points"], point]}, indent=1))
