@@ -14,7 +14,9 @@ Per prompt length, on the same random prompt:
 
 Before timing, on CUDA, ``kernel_check`` compares the kernel with the torch twin on a real-size
 slice (32 query / 8 KV heads of 128, a 2K chunk against up to 32K keys, bf16): max abs
-difference of the scores and of the attention output. Lengths that would not fit the free
+difference of the scores and of the attention output; ``kernel_timing`` times one such chunk
+against 32K keys (the kernel with and without the output, a few tile sizes, and torch's sdpa
+of the same shape for reference, in ms and TFLOP/s). Lengths that would not fit the free
 GPU memory (estimated by :func:`estimate_peak_bytes`) are shrunk to the largest multiple of
 8192 that does (recorded as ``requested_tokens``).
 
@@ -238,6 +240,48 @@ def check_kernel(device: torch.device, context: int) -> dict[str, Any]:
     return out
 
 
+def time_kernel(device: torch.device, context: int, repeats: int = 10) -> dict[str, Any]:
+    """Milliseconds and TFLOP/s of one replay chunk (Llama-3-8B heads, 2K queries, bf16) per tile choice.
+
+    ``fused``: the kernel's output and scores (QK + PV, then QK: 3 matmul units); ``scores``:
+    scores only (QK twice: 2 units); ``sdpa``: torch's attention of the same queries over the
+    same keys (GQA, no mask: 2 units), the reference for what the first pass could reach.
+    """
+    from snapkv.kernels.replay_score import replay_attention_scores_triton
+
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    c, hq, hkv, d = 2048, 32, 8, 128
+    q = torch.randn(1, hq, c, d, generator=gen).to(device, torch.bfloat16)
+    k = torch.randn(1, hkv, context + c, d, generator=gen).to(device, torch.bfloat16)
+    v = torch.randn(1, hkv, context + c, d, generator=gen).to(device, torch.bfloat16)
+    unit = 2 * hq * c * (context + c) * d  # FLOPs of one q @ k^T over all heads
+
+    def ms(fn: Any) -> float:
+        fn()
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        _sync(device)
+        return (time.perf_counter() - t0) / repeats * 1e3
+
+    out: dict[str, Any] = {"context": context, "chunk": c}
+    sdpa = ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+    out["sdpa"] = {"ms": round(sdpa, 3), "tflops": round(2 * unit / sdpa / 1e9, 1)}
+    for bm, bn in ((None, None), (64, 64), (128, 128)):
+        tag = "default" if bm is None else f"m{bm}_n{bn}"
+        try:
+            f = ms(lambda bm=bm, bn=bn: replay_attention_scores_triton(q, k, context, scaling=d**-0.5, values=v,
+                                                                       block_m=bm, block_n=bn))
+            sc = ms(lambda bm=bm, bn=bn: replay_attention_scores_triton(q, k, context, scaling=d**-0.5,
+                                                                        block_m=bm, block_n=bn))
+            out[tag] = {"fused_ms": round(f, 3), "fused_tflops": round(3 * unit / f / 1e9, 1),
+                        "scores_ms": round(sc, 3), "scores_tflops": round(2 * unit / sc / 1e9, 1)}
+        except Exception as e:  # a tile that does not fit this GPU's shared memory: recorded
+            out[tag] = {"error": repr(e)[:300]}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="llama3-8b", help="a random shape of snapkv.bench.models, or smollm2")
@@ -317,6 +361,11 @@ def main() -> None:
         except Exception as e:  # recorded; the timings still run (and say which backend they used)
             result["kernel_check"] = {"error": repr(e)[:500], "ok": False}
         print("kernel check", result["kernel_check"], flush=True)
+        try:
+            result["kernel_timing"] = time_kernel(device, 32768)
+        except Exception as e:
+            result["kernel_timing"] = {"error": repr(e)[:500]}
+        print("kernel timing", result["kernel_timing"], flush=True)
         torch.cuda.empty_cache()
         free = torch.cuda.mem_get_info(device)[0]
         requested = {fit_length(model.config, n, args.chunk, len(prompt), free, True): n for n in lengths}
