@@ -454,5 +454,27 @@ def test_kernel_real_size_bf16_cuda() -> None:
     assert (got - ref).abs().max().item() < 2e-3 * ref.max().item()
 
 
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_model_replay_kernel_attention_cuda(dtype: torch.dtype) -> None:
+    """The whole replay on CUDA: the kernel's attention output and scores against the backend + torch path."""
+    from snapkv.methods.kvzip import kvzip_scores, resolve_replay_backends
+    from tiny_models import tiny_model
+
+    model = tiny_model("llama", "sdpa").to("cuda", dtype)
+    assert resolve_replay_backends(model, None, "auto", "auto")[1:] == ("triton", True)  # the default on CUDA
+    ids = torch.randint(3, 256, (2, 300), generator=torch.Generator().manual_seed(0)).cuda()
+    got = torch.stack(kvzip_scores(model, ids, [5, 6, 7, 8], chunk=64))
+    ref = torch.stack(kvzip_scores(model, ids, [5, 6, 7, 8], chunk=64, score_backend="torch", attention="backend",
+                                   precision="fp32"))
+    # Layer 0's queries do not depend on any attention output: same inputs, tight. Later layers
+    # read the replay's attention output, which in bf16 rounds differently from sdpa's.
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-4, atol=1e-6)
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(got, ref, rtol=tol, atol=tol * float(ref.max()))
+
+
 if __name__ == "__main__":
     _interpreter_main(int(sys.argv[1]))
