@@ -20,7 +20,7 @@ of the same shape for reference, in ms and TFLOP/s). Lengths that would not fit 
 GPU memory (estimated by :func:`estimate_peak_bytes`) are shrunk to the largest multiple of
 8192 that does (recorded as ``requested_tokens``).
 
-GPU (Llama-3-8B shape, random bf16 weights; about 3 minutes on an H200; the gpu_suite stage
+GPU (Llama-3-8B shape, random bf16 weights; about 3-4 minutes on an H200; the gpu_suite stage
 ``kvzip``)::
 
     PYTHONPATH=src python scripts/bench_kvzip.py --model llama3-8b --device cuda \\
