@@ -211,23 +211,31 @@ def check_mixed(device: torch.device) -> dict[str, Any]:
     return out
 
 
-def check_kernel(device: torch.device, context: int) -> dict[str, Any]:
-    """The Triton kernel against the torch twin on a real-size slice (Llama-3-8B heads, bf16).
+#: ``(query heads, KV heads, chunk, head_dim)`` of the kernel check and timing: Llama-3-8B, a 2K chunk.
+REAL_SLICE = (32, 8, 2048, 128)
 
-    Scores: kernel (native bf16 dots, fp32 accumulation) against the torch twin in fp32 and in
-    mixed precision. Attention output: against fp32 sdpa with the replay's causal mask.
+
+def check_kernel(device: torch.device, context: int, shape: tuple[int, int, int, int] = REAL_SLICE
+                 ) -> dict[str, Any]:
+    """The Triton kernel against the torch twin on a real-size slice (bf16 inputs).
+
+    Scores: the kernel (native bf16 dots, fp32 accumulation), alone and with the attention
+    output, against the torch twin with fp32 logits. Attention output: against fp32 sdpa with
+    the replay's causal mask.
     """
     gen = torch.Generator(device="cpu").manual_seed(0)
-    c, scaling = 2048, 128**-0.5
-    q = torch.randn(1, 32, c, 128, generator=gen).to(device, torch.bfloat16)
-    k = torch.randn(1, 8, context + c, 128, generator=gen).to(device, torch.bfloat16)
-    v = torch.randn(1, 8, context + c, 128, generator=gen).to(device, torch.bfloat16)
+    hq, hkv, c, d = shape
+    scaling = d**-0.5
+    q = torch.randn(1, hq, c, d, generator=gen).to(device, torch.bfloat16)
+    k = torch.randn(1, hkv, context + c, d, generator=gen).to(device, torch.bfloat16)
+    v = torch.randn(1, hkv, context + c, d, generator=gen).to(device, torch.bfloat16)
     ref = replay_chunk_scores(q, k, context, scaling=scaling, backend="torch", precision="fp32", max_logits=0)
     got = replay_chunk_scores(q, k, context, scaling=scaling, backend="triton")
     fused, attn = replay_chunk_attention(q, k, v, context, scaling=scaling)
     allowed = torch.arange(context + c, device=device)[None, :] <= (context + torch.arange(c, device=device))[:, None]
     ref_attn = torch.nn.functional.scaled_dot_product_attention(
-        q.float(), k.float().repeat_interleave(4, dim=1), v.float().repeat_interleave(4, dim=1), attn_mask=allowed,
+        q.float(), k.float().repeat_interleave(hq // hkv, dim=1), v.float().repeat_interleave(hq // hkv, dim=1),
+        attn_mask=allowed,
         scale=scaling).transpose(1, 2)
     out = {"context": context, "chunk": c, "max_score": float(ref.max()),
            "max_abs_diff_scores": float((got - ref).abs().max()),
@@ -240,7 +248,8 @@ def check_kernel(device: torch.device, context: int) -> dict[str, Any]:
     return out
 
 
-def time_kernel(device: torch.device, context: int, repeats: int = 10) -> dict[str, Any]:
+def time_kernel(device: torch.device, context: int, repeats: int = 10,
+                shape: tuple[int, int, int, int] = REAL_SLICE) -> dict[str, Any]:
     """Milliseconds and TFLOP/s of one replay chunk (Llama-3-8B heads, 2K queries, bf16) per tile choice.
 
     ``fused``: the kernel's output and scores (QK + PV, then QK: 3 matmul units); ``scores``:
@@ -250,7 +259,7 @@ def time_kernel(device: torch.device, context: int, repeats: int = 10) -> dict[s
     from snapkv.kernels.replay_score import replay_attention_scores_triton
 
     gen = torch.Generator(device="cpu").manual_seed(1)
-    c, hq, hkv, d = 2048, 32, 8, 128
+    hq, hkv, c, d = shape
     q = torch.randn(1, hq, c, d, generator=gen).to(device, torch.bfloat16)
     k = torch.randn(1, hkv, context + c, d, generator=gen).to(device, torch.bfloat16)
     v = torch.randn(1, hkv, context + c, d, generator=gen).to(device, torch.bfloat16)

@@ -147,6 +147,10 @@ def _interpreter_main(seed: int) -> None:
     for case in MODEL_CASES:
         print(json.dumps({"name": case["name"], **run_model_case(case, seed)}), flush=True)
     print(json.dumps({"name": "replay_largest_tensor", **largest_replay_tensors()}), flush=True)
+    bench = _bench()  # the GPU benchmark's kernel check and timing, on tiny shapes
+    check = bench.check_kernel(torch.device("cpu"), 40, shape=(4, 2, 16, 16))
+    timing = bench.time_kernel(torch.device("cpu"), 40, repeats=1, shape=(4, 2, 16, 16))
+    print(json.dumps({"name": "bench_kernel_functions", "check": check, "timing": timing}), flush=True)
 
 
 #: Whole replays of tiny fp32 models through the kernel: ``kernel`` also computes the replay's
@@ -258,6 +262,14 @@ def test_kernel_replay_allocates_nothing_chunk_by_context(interpreter_results: A
     r = results["replay_largest_tensor"]
     assert r["kernel"] < r["chunk_x_context"] // 2, r
     assert r["torch"] >= r["chunk_x_context"], r  # the logits: the measure sees what it should
+
+
+def test_bench_kernel_check_and_timing_interpreter(interpreter_results: Any) -> None:
+    _, results = interpreter_results
+    r = results["bench_kernel_functions"]
+    assert r["check"]["ok"], r["check"]
+    for tag in ("default", "m64_n64", "m128_n128"):
+        assert r["timing"][tag]["fused_ms"] > 0 and r["timing"][tag]["scores_ms"] > 0, r["timing"]
 
 
 def test_explicit_backend_dispatch_interpreter(interpreter_results: Any) -> None:
