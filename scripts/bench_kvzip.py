@@ -4,13 +4,31 @@ Per prompt length, on the same random prompt:
 
 * ``snapkv``: one prefill inside a SnapKVSession (each layer compressed right after its attention);
 * ``kvzip``: the context prefilled into a :class:`ReplayCache` (full KV, room for one replay
-  chunk), then the replay (chunked, rolled back, scores recorded), then per-layer top-k and
-  gather of the kept tokens. Reported split into prefill / replay / select and in total.
+  chunk; the replay reuses this KV, each replay forward computes only its own tokens), then
+  the replay (chunked, rolled back, scores recorded), then per-layer top-k and gather of the
+  kept tokens. Reported split into prefill / replay / select and in total. On CUDA the
+  default is the Triton replay kernel computing both the replay's attention output and the
+  scores (``attention=kernel``); at lengths up to ``--compare-max-tokens`` two more variants
+  run: the model's attention plus kernel scores (``kvzip_backend_attention``) and the torch
+  scores of before (``kvzip_torch_scores``).
 
-GPU, one H200 (Llama-3-8B shape, random bf16 weights; about 6-8 minutes)::
+Before timing, on CUDA, ``kernel_check`` compares the kernel with the torch twin on a real-size
+slice (32 query / 8 KV heads of 128, a 2K chunk against up to 32K keys, bf16): max abs
+difference of the scores and of the attention output; ``kernel_timing`` times one such chunk
+against 32K keys (the kernel with and without the output, a few tile sizes, and torch's sdpa
+of the same shape for reference, in ms and TFLOP/s). Lengths that would not fit the free
+GPU memory (estimated by :func:`estimate_peak_bytes`) are shrunk to the largest multiple of
+8192 that does (recorded as ``requested_tokens``).
+
+GPU (Llama-3-8B shape, random bf16 weights; about 3-4 minutes on an H200; the gpu_suite stage
+``kvzip``)::
 
     PYTHONPATH=src python scripts/bench_kvzip.py --model llama3-8b --device cuda \\
-        --lengths 32768,131072 --out $OUT/kvzip.json
+        --lengths 32768,131072 --out $OUT/kvzip/kvzip.json
+
+Memory estimate only (no model run; any device)::
+
+    PYTHONPATH=src python scripts/bench_kvzip.py --estimate-only --lengths 32768,131072 --out /tmp/est.json
 
 CPU (SmolLM2, a 2K passkey prompt)::
 
@@ -30,9 +48,9 @@ import torch
 
 from snapkv.cache.compressed import SnapKVCache
 from snapkv.config import SnapKVConfig
-from snapkv.core.replay import replay_chunk_scores
+from snapkv.core.replay import replay_chunk_attention, replay_chunk_scores
 from snapkv.core.selection import gather_positions, select_topk
-from snapkv.methods.kvzip import ReplayCache, kvzip_scores, replay_inputs
+from snapkv.methods.kvzip import ReplayCache, kvzip_scores, replay_inputs, resolve_replay_backends
 
 
 def _sync(device: torch.device) -> None:
@@ -70,13 +88,70 @@ def snapkv_prefill(model: torch.nn.Module, ids: torch.Tensor, budget: int, windo
     return {"seconds": round(sec, 3), "peak_gib": _peak_gib(device)}
 
 
+def estimate_peak_bytes(config: Any, length: int, chunk: int, prompt_len: int, param_bytes: int = 2) -> dict[str, int]:
+    """Upper estimate of KVzip's peak at ``length`` tokens (bytes): weights, full KV, prefill work.
+
+    The one-forward context prefill dominates: its KV (``2 * layers * Hkv * D`` per position,
+    held for the replay), plus one layer's transient activations (the residual stream, q/k/v/o
+    and the MLP's gate, up and product, in the weights' dtype). The replay adds one chunk's
+    activations, fp32 scores (``layers * Hkv * L``) and the kernel's ``Hq * chunk`` row
+    statistics: no ``chunk x L`` tensor.
+    """
+    layers, h, hq = config.num_hidden_layers, config.hidden_size, config.num_attention_heads
+    hkv = config.num_key_value_heads
+    d = getattr(config, "head_dim", None) or h // hq
+    vocab, inter = config.vocab_size, config.intermediate_size
+    weights = param_bytes * (layers * (h * d * (hq + 2 * hkv) + hq * d * h + 3 * h * inter + 2 * h)
+                             + vocab * h * (1 if config.tie_word_embeddings else 2) + h)
+    replay_len = chunk + prompt_len + 8
+    kv = param_bytes * 2 * layers * hkv * d * (length + replay_len)
+    work = param_bytes * length * (3 * h + d * (hq * 2 + 2 * hkv) + 3 * inter)
+    replay = param_bytes * replay_len * (3 * h + 3 * inter + d * (hq * 2 + 2 * hkv)) + 4 * (
+        layers * hkv * length + hq * replay_len)
+    return {"weights": weights, "kv": kv, "prefill_work": work, "replay_extra": replay,
+            "peak": weights + kv + max(work, replay)}
+
+
+def flops_estimate(config: Any, length: int, chunk: int, prompt_len: int) -> dict[str, float]:
+    """FLOPs of SnapKV's prefill and of KVzip with the fused kernel (an estimate, not a measurement).
+
+    Prefill: linear layers ``2 * params`` per token plus causal attention (QK and PV over half
+    the ``L x L`` square). KVzip adds the replay: linear layers for ``L`` tokens plus prompt and
+    overlap per chunk, the kernel's first pass (QK and PV of every replay query against all
+    context keys: the full square, twice the prefill's causal half), its second pass (QK only).
+    """
+    layers, h, hq = config.num_hidden_layers, config.hidden_size, config.num_attention_heads
+    hkv, inter = config.num_key_value_heads, config.intermediate_size
+    d = getattr(config, "head_dim", None) or h // hq
+    per_token = 2 * layers * (h * d * (hq + 2 * hkv) + hq * d * h + 3 * h * inter)
+    square = 2 * length * length * hq * d * layers  # one L x L matmul over all heads and layers
+    replay_tokens = length + -(-length // chunk) * (prompt_len + 8)
+    snapkv = per_token * length + square  # QK + PV on the causal half
+    kvzip = snapkv + per_token * replay_tokens + 2 * square + square
+    return {"snapkv": snapkv, "kvzip": kvzip, "ratio": round(kvzip / snapkv, 2)}
+
+
+def fit_length(config: Any, length: int, chunk: int, prompt_len: int, free: int, weights_loaded: bool) -> int:
+    """``length``, or the largest multiple of 8192 whose estimated peak fits ``free`` (90%)."""
+    def need(n: int) -> int:
+        e = estimate_peak_bytes(config, n, chunk, prompt_len)
+        return e["peak"] - (e["weights"] if weights_loaded else 0)
+
+    n = length
+    while n > 8192 and need(n) > 0.9 * free:
+        n = (n - 1) // 8192 * 8192
+    return n
+
+
 @torch.no_grad()
 def kvzip_prefill(model: torch.nn.Module, ids: torch.Tensor, prompt: list[int], budget: int, window: int,
-                  chunk: int, precision: str, split: bool = False) -> dict[str, Any]:
+                  chunk: int, precision: str, split: bool = False, score_backend: str = "auto",
+                  attention: str = "auto") -> dict[str, Any]:
     """Seconds (prefill, replay, selection) and peak of KVzip's prefill + replay + compression."""
     device = ids.device
     length = ids.shape[1]
     longest = max(len(x) for x in replay_inputs(range(length), prompt, chunk, 8))
+    ran = resolve_replay_backends(model, None, score_backend, attention)  # what kvzip_scores will run
     _reset_peak(device)
     cache = ReplayCache(model.config, length + longest)
     _sync(device)
@@ -84,7 +159,8 @@ def kvzip_prefill(model: torch.nn.Module, ids: torch.Tensor, prompt: list[int], 
     model(input_ids=ids, logits_to_keep=1, **_cache_kwarg(model, cache))
     _sync(device)
     t1 = time.perf_counter()
-    scores = kvzip_scores(model, ids, prompt, chunk=chunk, cache=cache, precision=precision)
+    scores = kvzip_scores(model, ids, prompt, chunk=chunk, cache=cache, precision=precision,
+                          score_backend=score_backend, attention=attention)
     _sync(device)
     t2 = time.perf_counter()
     kept = []
@@ -98,7 +174,8 @@ def kvzip_prefill(model: torch.nn.Module, ids: torch.Tensor, prompt: list[int], 
     unscored = replay_forwards(model, ids, prompt, chunk, cache) if split else None
     del cache, scores
     return {"prefill_s": round(t1 - t0, 3), "replay_s": round(t2 - t1, 3), "select_s": round(t3 - t2, 3),
-            "seconds": round(t3 - t0, 3), "peak_gib": peak, "chunk": chunk,
+            "seconds": round(t3 - t0, 3), "peak_gib": peak, "chunk": chunk, "score_backend": ran[1],
+            "attention": "kernel" if ran[2] else f"backend ({ran[0]})",
             "replay_forwards_unscored_s": None if unscored is None else round(unscored, 3),
             "replay_forwards": len(replay_inputs(range(length), prompt, chunk, 8))}
 
@@ -134,6 +211,86 @@ def check_mixed(device: torch.device) -> dict[str, Any]:
     return out
 
 
+#: ``(query heads, KV heads, chunk, head_dim)`` of the kernel check and timing: Llama-3-8B, a 2K chunk.
+REAL_SLICE = (32, 8, 2048, 128)
+
+
+def check_kernel(device: torch.device, context: int, shape: tuple[int, int, int, int] = REAL_SLICE
+                 ) -> dict[str, Any]:
+    """The Triton kernel against the torch twin on a real-size slice (bf16 inputs).
+
+    Scores: the kernel (native bf16 dots, fp32 accumulation), alone and with the attention
+    output, against the torch twin with fp32 logits. Attention output: against fp32 sdpa with
+    the replay's causal mask.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    hq, hkv, c, d = shape
+    scaling = d**-0.5
+    q = torch.randn(1, hq, c, d, generator=gen).to(device, torch.bfloat16)
+    k = torch.randn(1, hkv, context + c, d, generator=gen).to(device, torch.bfloat16)
+    v = torch.randn(1, hkv, context + c, d, generator=gen).to(device, torch.bfloat16)
+    ref = replay_chunk_scores(q, k, context, scaling=scaling, backend="torch", precision="fp32", max_logits=0)
+    got = replay_chunk_scores(q, k, context, scaling=scaling, backend="triton")
+    fused, attn = replay_chunk_attention(q, k, v, context, scaling=scaling)
+    allowed = torch.arange(context + c, device=device)[None, :] <= (context + torch.arange(c, device=device))[:, None]
+    ref_attn = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float().repeat_interleave(hq // hkv, dim=1), v.float().repeat_interleave(hq // hkv, dim=1),
+        attn_mask=allowed,
+        scale=scaling).transpose(1, 2)
+    out = {"context": context, "chunk": c, "max_score": float(ref.max()),
+           "max_abs_diff_scores": float((got - ref).abs().max()),
+           "max_abs_diff_fused_scores": float((fused - ref).abs().max()),
+           "max_abs_diff_attention": float((attn.float() - ref_attn).abs().max()),
+           "max_abs_attention": float(ref_attn.abs().max())}
+    out["ok"] = (out["max_abs_diff_scores"] <= 2e-3 * out["max_score"]
+                 and out["max_abs_diff_fused_scores"] <= 2e-3 * out["max_score"]
+                 and out["max_abs_diff_attention"] <= 2e-2 * max(out["max_abs_attention"], 1e-6))
+    return out
+
+
+def time_kernel(device: torch.device, context: int, repeats: int = 10,
+                shape: tuple[int, int, int, int] = REAL_SLICE) -> dict[str, Any]:
+    """Milliseconds and TFLOP/s of one replay chunk (Llama-3-8B heads, 2K queries, bf16) per tile choice.
+
+    ``fused``: the kernel's output and scores (QK + PV, then QK: 3 matmul units); ``scores``:
+    scores only (QK twice: 2 units); ``sdpa``: torch's attention of the same queries over the
+    same keys (GQA, no mask: 2 units), the reference for what the first pass could reach.
+    """
+    from snapkv.kernels.replay_score import replay_attention_scores_triton
+
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    hq, hkv, c, d = shape
+    q = torch.randn(1, hq, c, d, generator=gen).to(device, torch.bfloat16)
+    k = torch.randn(1, hkv, context + c, d, generator=gen).to(device, torch.bfloat16)
+    v = torch.randn(1, hkv, context + c, d, generator=gen).to(device, torch.bfloat16)
+    unit = 2 * hq * c * (context + c) * d  # FLOPs of one q @ k^T over all heads
+
+    def ms(fn: Any) -> float:
+        fn()
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        _sync(device)
+        return (time.perf_counter() - t0) / repeats * 1e3
+
+    out: dict[str, Any] = {"context": context, "chunk": c}
+    sdpa = ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+    out["sdpa"] = {"ms": round(sdpa, 3), "tflops": round(2 * unit / sdpa / 1e9, 1)}
+    for bm, bn in ((None, None), (64, 64), (128, 128)):
+        tag = "default" if bm is None else f"m{bm}_n{bn}"
+        try:
+            f = ms(lambda bm=bm, bn=bn: replay_attention_scores_triton(q, k, context, scaling=d**-0.5, values=v,
+                                                                       block_m=bm, block_n=bn))
+            sc = ms(lambda bm=bm, bn=bn: replay_attention_scores_triton(q, k, context, scaling=d**-0.5,
+                                                                        block_m=bm, block_n=bn))
+            out[tag] = {"fused_ms": round(f, 3), "fused_tflops": round(3 * unit / f / 1e9, 1),
+                        "scores_ms": round(sc, 3), "scores_tflops": round(2 * unit / sc / 1e9, 1)}
+        except Exception as e:  # a tile that does not fit this GPU's shared memory: recorded
+            out[tag] = {"error": repr(e)[:300]}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="llama3-8b", help="a random shape of snapkv.bench.models, or smollm2")
@@ -145,10 +302,15 @@ def main() -> None:
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "mixed"))
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--compare-max-tokens", type=int, default=32768,
+                        help="up to this length also time kvzip with the model's attention (kernel scores) and "
+                             "with the torch scores (0: never)")
+    parser.add_argument("--estimate-only", action="store_true",
+                        help="print the memory estimate per length (llama3-8b shape, bf16) and exit")
     parser.add_argument("--split", action="store_true",
                         help="also time the replay forwards without scoring (not counted in seconds)")
     parser.add_argument("--budget-s", type=float, default=540.0,
-                        help="skip a kvzip point whose time, extrapolated quadratically from the last one, "
+                        help="skip a kvzip point whose time, extrapolated from the last one (length^1.7), "
                              "would end past this many seconds from the start (recorded as skipped)")
     args = parser.parse_args()
     start = time.perf_counter()
@@ -156,6 +318,20 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     lengths = [int(x) for x in args.lengths.split(",") if x]
+    if args.estimate_only:
+        import transformers
+
+        from snapkv.bench.models import RANDOM_SHAPES
+
+        cfg_name, kwargs = RANDOM_SHAPES[args.model]
+        config = getattr(transformers, cfg_name)(**kwargs)
+        est = {n: {**{k: round(v / 2**30, 2) for k, v in estimate_peak_bytes(config, n, args.chunk, 9).items()},
+                   "flops_ratio_kvzip_over_snapkv": flops_estimate(config, n, args.chunk, 9)["ratio"]}
+               for n in lengths}
+        print(json.dumps({"model": args.model, "chunk": args.chunk, "gib": est}, indent=1))
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"model": args.model, "chunk": args.chunk, "gib": est}, indent=1))
+        return
     result: dict[str, Any] = {"model": args.model, "device": str(device), "torch": torch.__version__,
                               "budget": args.budget, "window": args.window, "points": []}
     if args.model == "smollm2":
@@ -188,22 +364,56 @@ def main() -> None:
                 args.precision = "fp32"
                 print("NOTE: mixed-precision logits unavailable, scoring with --precision fp32", flush=True)
         print("mixed check", result["mixed_check"], flush=True)
+        free = torch.cuda.mem_get_info(device)[0]
+        try:
+            result["kernel_check"] = check_kernel(device, min(32768, max(4096, free // 2**30 * 256)))
+        except Exception as e:  # recorded; the timings still run (and say which backend they used)
+            result["kernel_check"] = {"error": repr(e)[:500], "ok": False}
+        print("kernel check", result["kernel_check"], flush=True)
+        try:
+            result["kernel_timing"] = time_kernel(device, 32768)
+        except Exception as e:
+            result["kernel_timing"] = {"error": repr(e)[:500]}
+        print("kernel timing", result["kernel_timing"], flush=True)
+        torch.cuda.empty_cache()
+        free = torch.cuda.mem_get_info(device)[0]
+        requested = {fit_length(model.config, n, args.chunk, len(prompt), free, True): n for n in lengths}
+        result["free_gib_after_model"] = round(free / 2**30, 1)
+        if any(k != v for k, v in requested.items()):
+            print("NOTE: lengths shrunk to fit free memory:", requested, flush=True)
+        lengths = sorted(requested)
+    else:
+        requested = {n: n for n in lengths}
     result["precision"] = args.precision
     # Warm-up on a short prompt (kernels, allocator), discarded.
     warm = ids_for(min(lengths[0], 1024))
     snapkv_prefill(model, warm, min(args.budget, warm.shape[1] // 2), args.window)
-    kvzip_prefill(model, warm, prompt, min(args.budget, warm.shape[1] // 2), args.window,
-                  min(args.chunk, 512), args.precision)
+    for kw in ({}, {"attention": "backend"}, {"score_backend": "torch", "attention": "backend"}):
+        if kw and lengths[0] > args.compare_max_tokens:
+            continue
+        kvzip_prefill(model, warm, prompt, min(args.budget, warm.shape[1] // 2), args.window,
+                      min(args.chunk, 512), args.precision, **kw)
     for n in lengths:
         ids = ids_for(n)
-        point: dict[str, Any] = {"tokens": ids.shape[1]}
-        runs = {"snapkv": lambda ids=ids: snapkv_prefill(model, ids, args.budget, args.window),
-                "kvzip": lambda ids=ids: kvzip_prefill(model, ids, prompt, args.budget, args.window, args.chunk,
-                                                       args.precision, args.split)}
+        point: dict[str, Any] = {"tokens": ids.shape[1],
+                                 "flops_estimate": flops_estimate(model.config, n, args.chunk, len(prompt))}
+        if requested[n] != n:
+            point["requested_tokens"] = requested[n]
+
+        def run_kvzip(ids: torch.Tensor = ids, **kw: Any) -> dict[str, Any]:
+            return kvzip_prefill(model, ids, prompt, args.budget, args.window, args.chunk, args.precision,
+                                 args.split and not kw, **kw)
+
+        runs = {"snapkv": lambda ids=ids: snapkv_prefill(model, ids, args.budget, args.window), "kvzip": run_kvzip}
+        if n <= args.compare_max_tokens:
+            runs["kvzip_backend_attention"] = lambda: run_kvzip(attention="backend")
+            runs["kvzip_torch_scores"] = lambda: run_kvzip(score_backend="torch", attention="backend")
         last = next((p for p in reversed(result["points"]) if "seconds" in p.get("kvzip", {})), None)
-        for name, fn in runs.items():
-            if name == "kvzip" and last is not None:
-                guess = last["kvzip"]["seconds"] * (n / last["tokens"]) ** 2
+        queue = list(runs.items())
+        for name, fn in queue:
+            if name.startswith("kvzip") and last is not None:
+                # An 8B prefill's FLOPs grow ~10x from 32K to 128K (linear layers + attention): ^1.7.
+                guess = last["kvzip"]["seconds"] * (n / last["tokens"]) ** 1.7
                 if time.perf_counter() - start + guess > args.budget_s:
                     point[name] = {"skipped": f"about {guess:.0f} s expected, past --budget-s {args.budget_s:.0f}"}
                     print(n, name, point[name], flush=True)
@@ -212,11 +422,19 @@ def main() -> None:
                 point[name] = fn()
             except Exception as e:  # e.g. out of memory: recorded, the next point still runs
                 point[name] = {"error": repr(e)[:500]}
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if name == "kvzip" and "kvzip_backend_attention" not in runs:
+                    # Recorded as its own variant (not as "kvzip"): the kernel's failure stays visible.
+                    runs["kvzip_backend_attention"] = lambda: run_kvzip(attention="backend")
+                    runs["kvzip_torch_scores"] = lambda: run_kvzip(score_backend="torch", attention="backend")
+                    queue += [(k, runs[k]) for k in ("kvzip_backend_attention", "kvzip_torch_scores")]
             print(n, name, point[name], flush=True)
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps({**result, "points": [*result["points"], point]}, indent=1))
-        if "seconds" in point["snapkv"] and "seconds" in point["kvzip"]:
-            point["kvzip_over_snapkv"] = round(point["kvzip"]["seconds"] / point["snapkv"]["seconds"], 2)
+        for name in [x for x in runs if x.startswith("kvzip")]:
+            if "seconds" in point["snapkv"] and "seconds" in point.get(name, {}):
+                point[f"{name}_over_snapkv"] = round(point[name]["seconds"] / point["snapkv"]["seconds"], 2)
         result["points"].append(point)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1))

@@ -22,6 +22,9 @@
 #   STAGES="env serve128" bash scripts/gpu_suite.sh
 # Head-adaptive budgets (ragged cache; about 4 minutes, its own call):
 #   STAGES="env ragged" bash scripts/gpu_suite.sh      -> $OUT/ragged/{layer,engine,hf_model}.json
+# KVzip replay scoring (Triton replay kernel) vs SnapKV's prefill, Llama-3-8B shape, 32K and 128K, with the
+# kernel's GPU tests (about 4 minutes, its own call):
+#   STAGES="env kvzip" bash scripts/gpu_suite.sh       -> $OUT/kvzip/{kvzip.json,pytest.txt}
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/gpu-suite}"
@@ -115,6 +118,15 @@ if [[ " $STAGES " == *" serve128 "* ]]; then
   timeout 300 "$PY" scripts/bench_serve.py --model llama3-8b --device cuda --lengths 131072 \
     --fill-from-document 131072 --fill-counts 32 64 --full-counts 1 --steady-steps 64 --time-budget-s 260 \
     --out "$OUT/serve/fill128k" || status=1
+fi
+
+if [[ " $STAGES " == *" kvzip "* ]]; then
+  stage "kvzip: replay kernel GPU tests, then KVzip (prefill + replay + selection) vs SnapKV prefill, 32K and 128K"
+  mkdir -p "$OUT/kvzip"
+  timeout 90 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_replay_kernel.py 2>&1 | tail -5 \
+    | tee "$OUT/kvzip/pytest.txt" || status=1
+  timeout 280 "$PY" scripts/bench_kvzip.py --model llama3-8b --device cuda --lengths 32768,131072 \
+    --budget-s 230 --out "$OUT/kvzip/kvzip.json" || status=1
 fi
 
 if [[ " $STAGES " == *" sweep "* ]]; then

@@ -5,10 +5,19 @@ Reconstruction", arXiv:2505.23416. After the context (``L`` tokens) the model re
 "Repeat the previous context:" followed by the context again, one chunk at a time. A chunk's
 queries see every context key and the chunk's own keys (causally); the score of a context
 position is the highest softmax probability any replay query of a KV head's query-head group
-gives it. Pure torch: the model glue lives in :mod:`snapkv.methods.kvzip`.
+gives it. The model glue lives in :mod:`snapkv.methods.kvzip`.
+
+Two implementations of one chunk's scores: the torch one here (block-wise, at most
+``[B, Hq, C, key_block]`` fp32 logits alive) and the Triton kernel of
+:mod:`snapkv.kernels.replay_score` (no ``C x K`` tensor at all; it can also return the
+chunk's attention output). :func:`replay_chunk_scores` picks one (:data:`SCORE_BACKENDS`).
 """
 
 from __future__ import annotations
+
+import functools
+import warnings
+from types import ModuleType
 
 import torch
 
@@ -16,6 +25,63 @@ import torch
 #: inputs with fp32 accumulation and output (CUDA only); ``auto`` picks ``mixed`` for CUDA
 #: half-precision inputs, else ``fp32``. Softmax, max and scores are fp32 in every case.
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "mixed")
+
+#: Score implementations: ``triton`` (the kernel; CUDA, or the interpreter), ``torch`` (the
+#: twin below), ``auto`` (the kernel for CUDA inputs it takes, else the twin; CUDA inputs
+#: with a Triton that cannot be imported take the twin with a warning, once).
+SCORE_BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_KERNEL_MAX_HEAD_DIM = 256
+_IMPORT_ERROR: list[BaseException] = []
+
+
+@functools.cache
+def _kernel_module() -> ModuleType | None:
+    """:mod:`snapkv.kernels.replay_score`, or None when Triton cannot be imported (error kept)."""
+    try:
+        from snapkv.kernels import replay_score
+    except Exception as exc:  # no triton, or a broken install
+        _IMPORT_ERROR.append(exc)
+        return None
+    return replay_score
+
+
+@functools.cache
+def _warn_no_kernel() -> None:
+    err = _IMPORT_ERROR[0] if _IMPORT_ERROR else None
+    warnings.warn(
+        f"the Triton replay kernel cannot be imported ({type(err).__name__}: {err}); CUDA replay scoring "
+        "takes the torch twin, which is slower and holds [B, Hq, chunk, key_block] logits. Install or repair "
+        "triton, or pass score_backend='torch' to choose the twin without this warning.",
+        RuntimeWarning, stacklevel=4)
+
+
+def kernel_module() -> ModuleType:
+    """The replay kernel module; ImportError (naming the cause) when Triton cannot be imported."""
+    mod = _kernel_module()
+    if mod is None:
+        err = _IMPORT_ERROR[0] if _IMPORT_ERROR else None
+        raise ImportError(f"score_backend='triton' but the replay kernel cannot be imported "
+                          f"({type(err).__name__}: {err})")
+    return mod
+
+
+def resolve_score_backend(query: torch.Tensor, head_dim: int, backend: str) -> str:
+    """``triton`` or ``torch`` for these inputs (``auto`` resolved as in :data:`SCORE_BACKENDS`).
+
+    An explicit ``triton`` is returned as is: the kernel raises on inputs it cannot take.
+    """
+    if backend not in SCORE_BACKENDS:
+        raise ValueError(f"score_backend must be one of {SCORE_BACKENDS}, got {backend!r}")
+    if backend != "auto":
+        return backend
+    if not (query.is_cuda and query.dtype in _KERNEL_DTYPES and head_dim <= _KERNEL_MAX_HEAD_DIM):
+        return "torch"
+    if _kernel_module() is None:
+        _warn_no_kernel()
+        return "torch"
+    return "triton"
 
 
 def _mixed(query: torch.Tensor, precision: str) -> bool:
@@ -54,8 +120,13 @@ def replay_chunk_scores(
     key_block: int = 4096,
     precision: str = "auto",
     max_logits: int = 1 << 26,
+    backend: str = "auto",
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Highest attention probability each context key gets from one replay chunk.
+
+    ``backend`` (:data:`SCORE_BACKENDS`) picks the Triton kernel or the torch code below; the
+    two agree to fp32 rounding (``tests/test_replay_kernel.py``).
 
     When the chunk's logits ``[B, Hq, C, L + C]`` hold at most ``max_logits`` elements they
     are computed once (one matmul); otherwise two passes over key blocks keep at most
@@ -71,11 +142,91 @@ def replay_chunk_scores(
         scaling: logit scale; softcap: logit soft-cap or None.
         key_block: keys per block.
         precision: logit precision, see :data:`PRECISIONS`.
-        max_logits: the most logits computed at once in the single-matmul path.
+        max_logits: the most logits computed at once in the single-matmul path (torch).
+        backend: ``auto``, ``triton`` or ``torch``.
+        out: ``[B, Hkv, L]`` fp32 scores of earlier chunks: the result is their elementwise
+            max with this chunk's, written into ``out`` (the running max over chunks).
 
     Returns:
-        ``[B, Hkv, L]`` fp32.
+        ``[B, Hkv, L]`` fp32 (``out`` when given).
     """
+    if resolve_score_backend(query, query.shape[-1], backend) == "triton":
+        scores, _ = kernel_module().replay_attention_scores_triton(
+            query, keys, context_len, scaling=scaling, softcap=softcap, out=out, accumulate=out is not None,
+            fp32_logits=not _mixed(query, precision))
+        return scores
+    s = _replay_chunk_scores_torch(query, keys, context_len, scaling=scaling, softcap=softcap,
+                                   key_block=key_block, precision=precision, max_logits=max_logits)
+    if out is not None:
+        if tuple(out.shape) != tuple(s.shape) or out.dtype != torch.float32:
+            raise ValueError(f"out must be float32 {tuple(s.shape)}, got {out.dtype} {tuple(out.shape)}")
+        return torch.maximum(out, s, out=out)
+    return s
+
+
+def replay_chunk_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    context_len: int,
+    *,
+    scaling: float,
+    softcap: float | None = None,
+    precision: str = "auto",
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chunk's causal attention output and its replay scores in one kernel (Triton only).
+
+    The output replaces the model's own attention call during the replay (no ``C x (L + C)``
+    mask, and the log-sum-exp the scores need comes from the same pass).
+    :func:`replay_chunk_attention_reference` is its dense twin.
+
+    Returns:
+        ``(scores, attn_output)``: as :func:`replay_chunk_scores` (``out`` accumulates), and
+        ``[B, C, Hq, Dv]`` in the query's dtype.
+    """
+    scores, attn = kernel_module().replay_attention_scores_triton(
+        query, keys, context_len, scaling=scaling, softcap=softcap, values=values, out=out,
+        accumulate=out is not None, fp32_logits=not _mixed(query, precision))
+    assert attn is not None  # values given
+    return scores, attn
+
+
+def replay_chunk_attention_reference(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    context_len: int,
+    *,
+    scaling: float,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Dense float64 twin of :func:`replay_chunk_attention`'s output: ``[B, C, Hq, Dv]`` float64."""
+    b, hq, c, d = query.shape
+    g = hq // keys.shape[1]
+    k = keys.double().repeat_interleave(g, dim=1)
+    v = values.double().repeat_interleave(g, dim=1)
+    s = torch.matmul(query.double(), k.transpose(-1, -2)) * scaling
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    pos = torch.arange(context_len + c, device=query.device)
+    allowed = pos[None, :] <= (context_len + torch.arange(c, device=query.device))[:, None]
+    p = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1)
+    return torch.matmul(p, v).transpose(1, 2)
+
+
+def _replay_chunk_scores_torch(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    context_len: int,
+    *,
+    scaling: float,
+    softcap: float | None,
+    key_block: int,
+    precision: str,
+    max_logits: int,
+) -> torch.Tensor:
+    """The torch implementation of :func:`replay_chunk_scores` (the kernel's twin)."""
     b, hq, c, d = query.shape
     _, hkv, total, _ = keys.shape
     if total != context_len + c:
@@ -128,8 +279,8 @@ def replay_chunk_scores_reference(
     s = torch.matmul(query.double(), k.transpose(-1, -2)) * scaling
     if softcap is not None:
         s = torch.tanh(s / softcap) * softcap
-    pos = torch.arange(context_len + c)
-    allowed = pos[None, :] <= (context_len + torch.arange(c))[:, None]  # [C, L + C]
+    pos = torch.arange(context_len + c, device=query.device)
+    allowed = pos[None, :] <= (context_len + torch.arange(c, device=query.device))[:, None]  # [C, L + C]
     p = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1)[..., :context_len]
     return p.amax(dim=-2).view(b, hkv, hq // hkv, context_len).amax(dim=2)
 

@@ -8,8 +8,12 @@ context:" and any chat framing) followed by the context again, one chunk at a ti
 replay forward attends to the whole context KV plus its own tokens, never to earlier replay
 chunks: the replay's keys are written after the context in a preallocated buffer
 (:class:`ReplayCache`) and rolled back after each chunk, so memory is the context KV plus one
-chunk. A scoped attention function runs the model's own backend for the output and records,
-per layer, the running max of :func:`~snapkv.core.replay.replay_chunk_scores`. The scores
+chunk. A scoped attention function records, per layer, the running max of
+:func:`~snapkv.core.replay.replay_chunk_scores`: on CUDA the Triton kernel of
+:mod:`snapkv.kernels.replay_score` also computes the chunk's attention output (``attention=
+"kernel"``: one pass gives the output and the log-sum-exp the scores need, no ``C x (L + C)``
+mask or logits anywhere); otherwise the model's own backend gives the output and the scores
+are computed beside it (``attention="backend"``). The scores
 then select per head like SnapKV's votes (:class:`KVzip` through
 :meth:`SnapKVSession.derive`), so the compressed context serves any later question.
 """
@@ -31,7 +35,14 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from snapkv.cache.compressed import SnapKVCache
 from snapkv.config import SnapKVConfig
-from snapkv.core.replay import PRECISIONS, replay_chunk_scores, replay_chunks
+from snapkv.core.replay import (
+    PRECISIONS,
+    SCORE_BACKENDS,
+    replay_chunk_attention,
+    replay_chunk_scores,
+    replay_chunks,
+    resolve_score_backend,
+)
 from snapkv.core.scoring import pool_votes
 from snapkv.integration.hf import cache_argument, model_backend
 from snapkv.methods.base import Method, ScoreInputs
@@ -41,6 +52,11 @@ DEFAULT_REPLAY_PROMPT = "\n\nRepeat the previous context:"
 
 #: Backends the replay can wrap (their own output is used; scores are computed beside it).
 BACKENDS: tuple[str, ...] = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
+
+#: Who computes the replay's attention output: ``kernel`` (the Triton replay kernel, with the
+#: scores), ``backend`` (the model's own attention, scores beside it), ``auto`` (``kernel``
+#: when the scores run on the kernel and the backend is not eager, else ``backend``).
+ATTENTIONS: tuple[str, ...] = ("auto", "kernel", "backend")
 
 _ids = itertools.count()
 
@@ -134,35 +150,79 @@ def _backend_function(name: str, module: torch.nn.Module) -> Callable[..., Any]:
 class _Recorder:
     """The scoped attention function: the backend's output, plus the running max of replay scores."""
 
-    def __init__(self, backend: str, key_block: int, precision: str, max_logits: int) -> None:
+    def __init__(self, backend: str, key_block: int, precision: str, max_logits: int, score_backend: str = "torch",
+                 fused: bool = False) -> None:
         self.backend, self.key_block, self.precision, self.max_logits = backend, key_block, precision, max_logits
+        self.score_backend, self.fused = score_backend, fused
         self.context_len: int | None = None  # None: pass through (the context prefill)
         self.scores: dict[int, torch.Tensor] = {}
 
     def __call__(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+        scaling, softcap = kwargs.get("scaling", module.scaling), kwargs.get("softcap")
+        old = self.scores.get(module.layer_idx)  # the running max, updated in place
+        if self.context_len is not None and self.fused:
+            # The kernel's causal replay mask is the whole mask: no padding, window or sinks.
+            if attention_mask is not None or kwargs.get("sliding_window") or kwargs.get("s_aux") is not None \
+                    or kwargs.get("dropout", 0.0) or not getattr(module, "is_causal", True):
+                raise ValueError("attention='kernel' computes plain causal attention only; this layer has a "
+                                 "padding mask, sliding window, sinks or dropout: use attention='backend'")
+            s, out = replay_chunk_attention(query, key, value, self.context_len, scaling=scaling, softcap=softcap,
+                                            precision=self.precision, out=old)
+            self.scores[module.layer_idx] = s
+            return out, None
         out = _backend_function(self.backend, module)(module, query, key, value, attention_mask, **kwargs)
         if self.context_len is not None:
-            s = replay_chunk_scores(query, key, self.context_len, scaling=kwargs.get("scaling", module.scaling),
-                                    softcap=kwargs.get("softcap"), key_block=self.key_block,
-                                    precision=self.precision, max_logits=self.max_logits)
-            old = self.scores.get(module.layer_idx)
-            self.scores[module.layer_idx] = s if old is None else torch.maximum(old, s)
+            self.scores[module.layer_idx] = replay_chunk_scores(
+                query, key, self.context_len, scaling=scaling, softcap=softcap, key_block=self.key_block,
+                precision=self.precision, max_logits=self.max_logits, backend=self.score_backend, out=old)
         return out
+
+
+def resolve_replay_backends(model: torch.nn.Module, backend: str | None, score_backend: str, attention: str
+                            ) -> tuple[str, str, bool]:
+    """What :func:`kvzip_scores` runs for this model: ``(attention backend, score backend, fused)``.
+
+    ``backend`` None is the model's own; ``score_backend`` and ``attention`` as in
+    :func:`kvzip_scores`, ``auto`` resolved by the model's device and dtype. ``fused``: the
+    kernel computes the replay's attention output. ValueError for a combination that cannot run.
+    """
+    backend = backend or model_backend(model)  # the model's own, also while SnapKV's function is on it
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} (the attention the replay wraps), got {backend!r}")
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+    config = _text_config(model)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    param = next(model.parameters())
+    probe = torch.empty(0, device=param.device, dtype=param.dtype)
+    scores = resolve_score_backend(probe, head_dim, score_backend)
+    if attention == "auto":
+        attention = "kernel" if scores == "triton" and backend != "eager" else "backend"
+    if attention == "kernel":
+        if scores != "triton":
+            raise ValueError(f"attention='kernel' needs score_backend 'triton' (or 'auto' on CUDA), got "
+                             f"{score_backend!r} resolving to {scores!r}")
+        if backend == "eager":
+            raise ValueError("attention='kernel' needs an sdpa or flash backend (the context prefill runs "
+                             "without a mask, causal by the backend's own flag); this model's is eager")
+    return backend, scores, attention == "kernel"
 
 
 @contextmanager
 def _scoped_recorder(model: torch.nn.Module, backend: str | None, key_block: int, precision: str,
-                     max_logits: int) -> Iterator[_Recorder]:
+                     max_logits: int, score_backend: str = "torch", attention: str = "backend"
+                     ) -> Iterator[_Recorder]:
     """Register the recorder under a unique name, switch the model to it, restore in ``finally``."""
     previous = _text_config(model)._attn_implementation or "eager"
-    backend = backend or model_backend(model)  # the model's own, also while SnapKV's function is on it
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS} (the attention the replay wraps), got {backend!r}")
+    backend, score_backend, fused = resolve_replay_backends(model, backend, score_backend, attention)
     name = f"kvzip_{backend}_{next(_ids)}"
-    recorder = _Recorder(backend, key_block, precision, max_logits)
+    recorder = _Recorder(backend, key_block, precision, max_logits, score_backend, fused)
     AttentionInterface.register(name, recorder)
-    AttentionMaskInterface.register(name, AttentionMaskInterface._global_mapping[backend])
+    # Fused: no mask at all (flash's mask function gives None without padding); the backend
+    # still runs the context prefill, causal by its own flag.
+    mask_of = "flash_attention_2" if fused else backend
+    AttentionMaskInterface.register(name, AttentionMaskInterface._global_mapping[mask_of])
     try:
         model.set_attn_implementation(name)
         yield recorder
@@ -206,6 +266,8 @@ def kvzip_scores(
     backend: str | None = None,
     precision: str = "auto",
     max_logits: int = 1 << 26,
+    score_backend: str = "auto",
+    attention: str = "auto",
 ) -> list[torch.Tensor]:
     """Per layer ``[B, Hkv, L]`` fp32 replay scores of the context ``context_ids`` (``[B, L]``, no padding).
 
@@ -228,10 +290,19 @@ def kvzip_scores(
             also while SnapKV's attention function is enabled on it).
         precision: logit precision (:data:`~snapkv.core.replay.PRECISIONS`; ``auto``: fp32
             accumulation of half-precision inputs on CUDA, fp32 inputs elsewhere).
+        score_backend: the scores' implementation (:data:`~snapkv.core.replay.SCORE_BACKENDS`;
+            ``auto``: the Triton kernel on CUDA, the torch twin elsewhere).
+        attention: who computes the replay's attention output (:data:`ATTENTIONS`; ``auto``:
+            the kernel when it scores and the backend is not eager). With the kernel nothing
+            of size ``chunk x L`` is allocated (no mask, no logits).
     """
     _check(context_ids, chunk, key_block)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if score_backend not in SCORE_BACKENDS:
+        raise ValueError(f"score_backend must be one of {SCORE_BACKENDS}, got {score_backend!r}")
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
     b, length = context_ids.shape
     rows = [replay_inputs(r.tolist(), prompt_ids, chunk, overlap) for r in context_ids]
     longest = max(len(x) for x in rows[0])
@@ -240,7 +311,7 @@ def kvzip_scores(
         cache = ReplayCache(model.config, length + longest)
     elif cache.get_seq_length() not in (0, length):  # empty: the context is prefilled into it here
         raise ValueError(f"cache holds {cache.get_seq_length()} positions, the context has {length}")
-    with _scoped_recorder(model, backend, key_block, precision, max_logits) as rec:
+    with _scoped_recorder(model, backend, key_block, precision, max_logits, score_backend, attention) as rec:
         if cache.get_seq_length() == 0:
             pos = torch.arange(length, device=device)[None].expand(b, -1)
             model(input_ids=context_ids, position_ids=pos, use_cache=True, logits_to_keep=1,
@@ -305,6 +376,10 @@ class KVzip(Method):
         overlap: previous-chunk tokens repeated after the prompt (default 8).
         key_block: keys per scoring block (default 4096).
         precision: logit precision (default ``auto``, see :func:`kvzip_scores`).
+        score_backend: scores by the Triton kernel or the torch twin (default ``auto``, see
+            :func:`kvzip_scores`).
+        attention: who computes the replay's attention output (default ``auto``, see
+            :func:`kvzip_scores`).
         kernel: odd max-pooling width over the sequence applied to the scores (default 1:
             none; SnapKV's pooling, which keeps digit-per-token numbers whole).
     """
@@ -314,6 +389,8 @@ class KVzip(Method):
     key_block: int = 4096
     precision: str = "auto"
     kernel: int = 1
+    score_backend: str = "auto"
+    attention: str = "auto"
     fitted: int = -1  # which fit the scores come from (derive() memoizes by the repr)
     scores: list[torch.Tensor] | None = field(default=None, repr=False)
     name: str = "kvzip"
@@ -324,6 +401,10 @@ class KVzip(Method):
             raise ValueError(f"overlap must be an integer >= 0, got {self.overlap!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.score_backend not in SCORE_BACKENDS:
+            raise ValueError(f"score_backend must be one of {SCORE_BACKENDS}, got {self.score_backend!r}")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
         if isinstance(self.kernel, bool) or not isinstance(self.kernel, int) or self.kernel < 1 or self.kernel % 2 == 0:
             raise ValueError(f"kernel must be an odd integer >= 1, got {self.kernel!r}")
 
@@ -332,7 +413,8 @@ class KVzip(Method):
         """Score ``context_ids`` by :func:`kvzip_scores` (arguments as there); returns self."""
         self.scores = kvzip_scores(model, context_ids, prompt_ids, chunk=self.chunk, overlap=self.overlap,
                                    key_block=self.key_block, cache=cache, backend=backend,
-                                   precision=self.precision)
+                                   precision=self.precision, score_backend=self.score_backend,
+                                   attention=self.attention)
         self.fitted = next(_ids)
         return self
 
