@@ -212,3 +212,28 @@ def test_staging_builds_the_cache_of_the_fullest_head():
     cache = staging.build(make, 5)
     assert cache.prompt_slots == 4 and cache.capacity == 9 and cache.prompt_lengths == [50]
     assert cache.lengths[:, 0].tolist() == [[2, 3, 4], [3, 3, 3]] and staging.kept_bytes() == 0
+
+
+def test_gpu_bench_script_runs_tiny_on_cpu(tmp_path):
+    """scripts/bench_engine_adaptive.py (the gpu_suite stage adaptive_engine), tiny shape on CPU."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import snapkv
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "a.json"
+    env = {**os.environ, "PYTHONPATH": str(Path(snapkv.__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(root / "scripts" / "bench_engine_adaptive.py"), "--shape", "tiny",
+                           "--prompts", "200", "--budget", "40", "--window", "8", "--steps", "2", "--device", "cpu",
+                           "--out", str(out)], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads(out.read_text())["rows"][0]
+    uni, ada = row["uniform"], row["adaptive"]
+    assert uni["head_tokens_min"] == uni["head_tokens_max"] == uni["prompt_slots"] == 40
+    assert ada["head_tokens_max"] == ada["prompt_slots"] > 40 > ada["head_tokens_min"]
+    assert ada["head_tokens_mean"] == 40 and ada["kv_bytes_kept"] == uni["kv_bytes_kept"]
+    assert ada["fused_graph_vs_eager_rel_err"] < 1e-5
