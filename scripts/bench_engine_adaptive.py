@@ -83,7 +83,7 @@ def run_one(model: torch.nn.Module, ids: torch.Tensor, config: SnapKVConfig, met
         for _ in range(3):
             runner.step()
         times = time_steps(runner.step, steps, device)
-    lengths = (cache.prompt_slots - cache.first).float()  # [layers, B, Hkv] the prompt's kept tokens per head
+    lengths = cache.head_tokens().float()  # [layers, B, Hkv] the prompt's kept tokens per head
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return {
         "method": "adaptive" if engine.per_head else "uniform",

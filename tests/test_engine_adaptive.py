@@ -26,6 +26,7 @@ from snapkv.generation import Engine
 from snapkv.generation.fused import decode_one_token_fused, ragged_twin_ops, twin_ops
 from snapkv.generation.static_cache import PromptStaging, StaticKVCache
 from test_engine_equality import STEPS, _Force, _forced, _max_diff, _padded, _rows, engine_logits
+from tiny_models import tiny_model
 
 CFG = SnapKVConfig(budget=40, window=8, kernel=5, pooling="avg")  # avg: no pooling ties
 ADAPTIVE = AdaptiveHeads(SnapKV(kernel=5, pooling="avg"), alpha=0.2)
@@ -72,6 +73,21 @@ def test_engine_logits_equal_transformers_path(family_model):
         ids, mask = _padded(_rows(), side)
         got = engine_logits(engine, ids, mask, forced)
         assert _max_diff(got, ref) < 1e-4, (family, side)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma2", "gemma3", "phi3"])  # mistral_sw: every layer slides
+def test_own_layer_families_equal_transformers_path(family):
+    """The engine's other runners (own decoder layers, sliding layers kept whole) with AdaptiveHeads."""
+    model = tiny_model(family)
+    forced = _forced()
+    ref, _ = transformers_run(model, ADAPTIVE, forced)
+    engine = Engine(model, CFG, method=ADAPTIVE)
+    got = engine_logits(engine, *_padded(_rows(), "right"), forced)
+    assert _max_diff(got, ref) < 1e-4
+    kv, _, _ = engine.prefill(*_padded(_rows(), "left"), max_new_tokens=2)
+    heads = kv.head_tokens()  # [layers, B, Hkv]
+    full = [li for li in range(kv.num_layers) if int(heads[li].max()) > 16]  # sliding layers keep 15
+    assert full and all(bool((heads[li] != heads[li, :, :1]).any()) for li in full)
 
 
 def _positions(full_keys: torch.Tensor, kept: torch.Tensor) -> list[int]:
@@ -172,6 +188,21 @@ def test_context_cache_runs_adaptive_heads_on_the_engine(tok):
     with ContextCache(model, tok, ctx, CFG, chat=False, method=ADAPTIVE, backend="transformers") as doc:
         ref = [doc.ask(q, max_new_tokens=5) for q in questions[:2]]
     assert [a.tokens for a in got[:2]] == [a.tokens for a in ref]
+
+
+def test_probe_cut_with_adaptive_heads_on_the_engine(tok):
+    """A probe votes as every head's window, then leaves each head's segment (the engine only:
+    the transformers path's ragged layers refuse drop_tail, and say so)."""
+    model = gqa_model("llama")
+    ctx, probe = random_context(160, seed=4), "\nList the keys."
+    with ContextCache(model, tok, ctx, CFG, chat=False, probe=probe, method=ADAPTIVE, backend="engine") as doc:
+        heads = doc._engine.cache.head_tokens()[:, 0]  # [layers, Hkv]
+        got = doc.ask("\nWhat is the key? ", max_new_tokens=4)
+    assert got.backend == "engine" and len(got.tokens) == 4
+    assert heads.sum(-1).tolist() == [CFG.budget * 4] * 2 and bool((heads != heads[:, :1]).any())
+    with pytest.raises(NotImplementedError, match="drop_tail.*head-adaptive"):
+        with ContextCache(model, tok, ctx, CFG, chat=False, probe=probe, method=ADAPTIVE, backend="transformers"):
+            pass
 
 
 # -- the cache pieces ---------------------------------------------------------------------------

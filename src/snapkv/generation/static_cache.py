@@ -111,6 +111,10 @@ class StaticKVCache:
         heads, new = self.keys.shape[2], self.capacity - self.prompt_slots
         return round(heads * sum(self.kept[layer])) + self.batch * heads * new
 
+    def head_tokens(self) -> torch.Tensor:
+        """``[layers, B, Hkv]`` kept prompt tokens of each head (they differ with head-adaptive budgets)."""
+        return self.prompt_slots - self.first
+
     def kept_bytes(self) -> int:
         """Bytes of the kept prompt tokens (all layers and rows, no filler, no free slots)."""
         per_token = 2 * self.keys.shape[2] * self.keys.shape[4] * self.keys.element_size()
