@@ -6,6 +6,9 @@ Example::
     out = engine.generate(input_ids, attention_mask, max_new_tokens=64)
     out.tokens  # [B, 64]
 
+    # head-adaptive budgets (AdaKV): each layer's heads share budget * Hkv tokens
+    engine = Engine(model, SnapKVConfig(budget=2048), method=AdaptiveHeads(SnapKV()))
+
     stream = engine.stream(input_ids, max_new_tokens=64, temperature=0.7, top_p=0.9, seed=1,
                            eos_token_id=[2, 7], stop=["\n\n"], tokenizer=tok)
     for step in stream:  # one StreamStep per position: step.tokens, step.text, step.finished
