@@ -268,3 +268,19 @@ def test_gpu_bench_script_runs_tiny_on_cpu(tmp_path):
     assert ada["head_tokens_max"] == ada["prompt_slots"] > 40 > ada["head_tokens_min"]
     assert ada["head_tokens_mean"] == 40 and ada["kv_bytes_kept"] == uni["kv_bytes_kept"]
     assert ada["fused_graph_vs_eager_rel_err"] < 1e-5
+
+
+def test_cli_generate_with_adaptive_heads_runs_on_the_engine(tmp_path, capsys):
+    """``snapkv generate --head-budget adaptive`` (SmolLM2: Llama, 3 KV heads) runs on the engine."""
+    import json
+
+    from snapkv.cli import main
+
+    doc = tmp_path / "doc.txt"
+    doc.write_text(" ".join(f"The code of room {i} is {i * 37 % 1000}." for i in range(60)))
+    argv = ["generate", str(doc), "--question", "What is the code of room 7?", "--budget", "96",
+            "--head-budget", "adaptive", "--alpha", "0.3", "--max-new-tokens", "4", "--json", "--no-progress"]
+    assert main(argv) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert got["backend"] == "engine" and got["head_budget"] == "adaptive"
+    assert got["kept_tokens"] == 96 < got["prompt_tokens"]
