@@ -205,6 +205,20 @@ def test_probe_cut_with_adaptive_heads_on_the_engine(tok):
             pass
 
 
+def test_room_grows_by_copying_the_per_head_prompt():
+    """ContextCache's larger cache (copy_prompt_from) keeps every head's own segment."""
+    model = gqa_model("llama")
+    engine = Engine(model, CFG, method=ADAPTIVE)
+    row = _rows()[0][None]
+    kv, _, _ = engine.prefill(row, max_new_tokens=2)
+    bigger = engine.parts.make_cache(1, kv.prompt_slots, 9)
+    bigger.copy_prompt_from(kv)
+    assert torch.equal(bigger.head_tokens(), kv.head_tokens())
+    q = torch.randint(3, 256, (1, 8), generator=torch.Generator().manual_seed(2))
+    kv2, _, _ = engine.prefill(row, max_new_tokens=9)
+    torch.testing.assert_close(engine.extend(engine.runner(bigger), q), engine.extend(engine.runner(kv2), q))
+
+
 # -- the cache pieces ---------------------------------------------------------------------------
 
 
