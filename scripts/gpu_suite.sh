@@ -25,6 +25,9 @@
 # KVzip replay scoring (Triton replay kernel) vs SnapKV's prefill, Llama-3-8B shape, 32K and 128K, with the
 # kernel's GPU tests (about 4 minutes, its own call):
 #   STAGES="env kvzip" bash scripts/gpu_suite.sh       -> $OUT/kvzip/{kvzip.json,pytest.txt}
+# Head-adaptive budgets selected in the engine's prefill vs uniform SnapKV, captured decode, Llama-3-8B
+# shape, 32K and 128K, budget 2048 (under 2 minutes; may share a call with another short stage):
+#   STAGES="env adaptive_engine" bash scripts/gpu_suite.sh   -> $OUT/adaptive_engine.json
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/gpu-suite}"
@@ -72,6 +75,12 @@ if [[ " $STAGES " == *" ragged "* ]]; then
     --out "$OUT/ragged/engine.json" || status=1
   timeout 300 "$PY" scripts/bench_ragged.py --skip-layer --model-prompts 8192 32768 65536 --model-budgets 1024 2048 \
     --model-new-tokens 128 --out "$OUT/ragged/hf_model.json" || status=1
+fi
+
+if [[ " $STAGES " == *" adaptive_engine "* ]]; then
+  stage "adaptive_engine: engine prefill + captured decode, AdaptiveHeads vs uniform, llama3-8b shape, 32K/128K"
+  timeout 240 "$PY" scripts/bench_engine_adaptive.py --prompts 32768 131072 --budget 2048 \
+    --out "$OUT/adaptive_engine.json" || status=1
 fi
 
 if [[ " $STAGES " == *" api "* ]]; then

@@ -99,6 +99,7 @@ def test_only_the_chosen_subcommand_module_is_imported():
         (["generate", "{doc}", "--question", "  "], "question must be non-empty"),
         (["generate", "{doc}", "--model", "no-such-model"], "model must be one of"),
         (["generate", "{doc}", "--device", "gpu"], "device must be"),
+        (["generate", "{doc}", "--head-budget", "adaptive", "--alpha", "1.5"], "alpha must lie in [0, 1]"),
         (["demo", "--depths", "1.5"], "depths must lie in [0, 1]"),
         (["demo", "--lengths", "10"], "lengths must be"),
         (["demo", "--window", "0"], "window must be an integer >= 1"),

@@ -24,6 +24,7 @@ from snapkv.cache.compress import LayerStats
 from snapkv.cache.compressed import SnapKVCache, Snapshot
 from snapkv.config import SnapKVConfig
 from snapkv.integration.session import SnapKVSession
+from snapkv.methods.base import Method
 
 MODES: tuple[str, ...] = ("query_aware", "context_only")
 
@@ -166,6 +167,7 @@ def answer(
     chat: bool | None = None,
     compress: bool = True,
     backend: str = "auto",
+    method: Method | None = None,
 ) -> Answer:
     """Answer ``question`` about ``context`` with a query-aware compressed cache (greedy).
 
@@ -174,6 +176,9 @@ def answer(
     decode; ``ValueError`` on a model it cannot run), ``"transformers"`` (:class:`SnapKVSession`
     and the model's own forward) or ``"auto"`` (the engine where it runs the model, else
     transformers). ``Answer.backend`` says which one ran.
+    ``method``: how positions are chosen (default :class:`~snapkv.methods.SnapKV` from
+    ``config``), wrappers included, e.g. ``AdaptiveHeads(SnapKV())`` (head-adaptive budgets),
+    on either backend.
     """
     from snapkv.generation.answer import resolve_backend  # engine dispatch (see snapkv.generation.answer)
 
@@ -193,8 +198,8 @@ def answer(
         from snapkv.generation.answer import engine_answer
 
         engine_config = dataclasses.replace(config, window=window)
-        return engine_answer(model, tokenizer, ctx_ids + q_ids, engine_config, max_new_tokens, eos)
-    with SnapKVSession(model, config) as session:
+        return engine_answer(model, tokenizer, ctx_ids + q_ids, engine_config, max_new_tokens, eos, method)
+    with SnapKVSession(model, config, method=method) as session:
         session.window = window
         cache = session.new_cache()
         tokens, pre, dec = _greedy(model, session, cache, ctx_ids + q_ids, 0, max_new_tokens, eos)
@@ -222,17 +227,20 @@ class ContextCache:
         backend: ``"auto"``, ``"engine"`` or ``"transformers"``, as for :func:`answer`. On the
             engine the context is prefilled once into a static cache; each question is fed
             over it and rolled back after the answer.
+        method: how positions are chosen, as for :func:`answer` (e.g. ``AdaptiveHeads(SnapKV())``).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, context: str, config: SnapKVConfig | None = None,
-                 *, chat: bool | None = None, probe: bool | str | None = None, backend: str = "auto") -> None:
+                 *, chat: bool | None = None, probe: bool | str | None = None, backend: str = "auto",
+                 method: Method | None = None) -> None:
         from snapkv.generation.answer import resolve_backend  # engine dispatch (see snapkv.generation.answer)
 
         self.backend = resolve_backend(model, backend)
         self._engine: Any = None
         self.model, self.tokenizer, self.context, self.chat = model, tokenizer, context, chat
         self.config = config or SnapKVConfig()
-        self.session = SnapKVSession(model, self.config)
+        self.method = method
+        self.session = SnapKVSession(model, self.config, method=method)
         if probe is not None and not isinstance(probe, (bool, str)) or probe == "":
             raise ValueError(f"probe must be True, False, None or a non-empty text, got {probe!r}")
         self.probe = DEFAULT_PROBE if probe is True else (probe or None)
@@ -289,7 +297,7 @@ class ContextCache:
             probe_ids = list(self.tokenizer(self.probe, add_special_tokens=False)["input_ids"])
             if self.config.kept_tokens(len(ctx_ids), window=len(probe_ids)) >= len(ctx_ids):
                 probe_ids = []  # the context fits its budget: nothing to select, no probe needed
-        self._engine = EngineContext(self.model, self.tokenizer, self.config, ctx_ids, probe_ids)
+        self._engine = EngineContext(self.model, self.tokenizer, self.config, ctx_ids, probe_ids, method=self.method)
         self._engine_ctx_ids = ctx_ids
         self.context_tokens, self.prefill_s, self.stats = len(ctx_ids), self._engine.prefill_s, self._engine.stats
         self._snap = None

@@ -189,6 +189,11 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--question", default=None, help="question placed after the context, inside the observation "
                    "window; without one, the context's own last tokens vote")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated at most")
+    p.add_argument("--head-budget", choices=("uniform", "adaptive"), default="uniform",
+                   help="uniform: every KV head keeps the budget; adaptive: the KV heads of a layer share "
+                        "budget x heads (AdaKV, AdaptiveHeads), on either backend")
+    p.add_argument("--alpha", type=float, default=0.2,
+                   help="with --head-budget adaptive: share of each head's budget guaranteed to it, in [0, 1]")
     p.add_argument("--full", action="store_true", help="use the full cache (for comparison)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -216,6 +221,8 @@ def run_generate(a: argparse.Namespace) -> int:
         raise ValueError(f"max_new_tokens must be >= 1, got {a.max_new_tokens}")
     if a.question is not None and not a.question.strip():
         raise ValueError("question must be non-empty text when given")
+    if not 0.0 <= a.alpha <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1], got {a.alpha}")
     _check_model(a)
     context = _read_prompt(a.prompt_file)
     question = a.question if a.question is not None else "\n"  # no question: the prompt's own end votes
@@ -239,11 +246,17 @@ def run_generate(a: argparse.Namespace) -> int:
     if on_engine:  # its prefill does not run the model's layer modules: no per-layer bar from hooks
         logging.getLogger("snapkv").info("prefill of %d tokens on the engine (per-layer lines on stdout: "
                                          "SNAPKV_PREFILL_PROGRESS=1)", n)
+    if a.head_budget == "adaptive":
+        from snapkv.cache.compress import snapkv_from
+        from snapkv.methods import AdaptiveHeads
+
+        opts["method"] = AdaptiveHeads(snapkv_from(config), alpha=a.alpha)
     with prefill_progress(model, f"prefill ({n} tokens)", enabled=not (a.no_progress or on_engine)):
         res = answer(model, tok, context, question, config, max_new_tokens=a.max_new_tokens, compress=not a.full,
                      **opts)
     fields: dict[str, Any] = {
-        "answer": res.text, "backend": getattr(res, "backend", "transformers"), "prompt_tokens": res.prompt_tokens,
+        "answer": res.text, "backend": getattr(res, "backend", "transformers"), "head_budget": a.head_budget,
+        "prompt_tokens": res.prompt_tokens,
         "kept_tokens": res.kept_tokens, "kv_bytes_full": res.kv_bytes_full, "kv_bytes_kept": res.kv_bytes_kept,
         "prefill_s": round(res.prefill_s, 4), "decode_ms_per_token": round(res.decode_ms_per_token, 2),
     }

@@ -23,6 +23,7 @@ import torch
 if TYPE_CHECKING:
     from snapkv.config import SnapKVConfig
     from snapkv.generation.static_cache import StaticKVCache
+    from snapkv.methods.base import Method
 
 #: ``model_type`` -> ``"module:attribute.path"`` of the factory building its layer runner
 #: (``factory(model) -> DecoderParts`` or a subclass). The hand-wired Llama path is admitted
@@ -215,15 +216,19 @@ class DecoderParts:
         return apply_rope(k.transpose(1, 2), cos, sin), v
 
     # -- the runner interface the engine calls (a family's runner overrides these) ------------
-    def kept_per_layer(self, config: SnapKVConfig | None, length: int, profile: str = "uniform") -> list[int]:
+    def kept_per_layer(
+        self, config: SnapKVConfig | None, length: int, profile: str = "uniform", method: Method | None = None
+    ) -> list[int]:
         """Prompt tokens each layer keeps of a ``length``-token prompt (every layer is compressed)."""
         from snapkv.generation.prefill import kept_per_layer
 
-        return kept_per_layer(config, length, self.num_layers, profile)
+        return kept_per_layer(config, length, self.num_layers, profile, method)
 
-    def prompt_slots(self, config: SnapKVConfig | None, length: int, profile: str = "uniform") -> int:
+    def prompt_slots(
+        self, config: SnapKVConfig | None, length: int, profile: str = "uniform", method: Method | None = None
+    ) -> int:
         """Cache slots one prompt of ``length`` tokens needs (its largest layer)."""
-        return max(self.kept_per_layer(config, length, profile))
+        return max(self.kept_per_layer(config, length, profile, method))
 
     def make_cache(self, batch: int, prompt_slots: int, max_new_tokens: int) -> StaticKVCache:
         """An empty static cache for ``batch`` rows of this model."""

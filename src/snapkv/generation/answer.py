@@ -24,6 +24,7 @@ from snapkv.config import SnapKVConfig
 from snapkv.generation.adapter import runner_for
 from snapkv.generation.generate import Engine
 from snapkv.generation.static_cache import StaticKVCache
+from snapkv.methods.base import Method
 
 BACKENDS: tuple[str, ...] = ("auto", "engine", "transformers")
 
@@ -105,10 +106,13 @@ def _answer(tokenizer: Any, tokens: list[int], eos: list[int], stats: list[Layer
 
 def engine_answer(
     model: torch.nn.Module, tokenizer: Any, ids: list[int], config: SnapKVConfig | None, max_new_tokens: int,
-    eos: list[int],
+    eos: list[int], method: Method | None = None,
 ) -> Answer:
-    """``answer()`` on the engine: one prefill of ``ids`` (``config`` None: full cache), greedy decode."""
-    engine = Engine(model, config)
+    """``answer()`` on the engine: one prefill of ``ids`` (``config`` None: full cache), greedy decode.
+
+    ``method``: the selection method (default SnapKV from ``config``), e.g. ``AdaptiveHeads(SnapKV())``.
+    """
+    engine = Engine(model, config, method=method)
     out = engine.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, eos_token_id=eos or None)
     tokens = out.tokens[0, : out.lengths[0]].tolist()
     stats = layer_stats(out.cache, kinds=runner_kinds(engine))
@@ -125,16 +129,17 @@ class EngineContext:
         probe_ids: a probe's token ids (the observation window while the context is
             compressed, then cut), or empty.
         room: new-token slots allocated at first (question plus answer).
+        method: the selection method (default SnapKV from ``config``), e.g. ``AdaptiveHeads(SnapKV())``.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, config: SnapKVConfig, ctx_ids: list[int],
-                 probe_ids: list[int], room: int = DEFAULT_ROOM) -> None:
+                 probe_ids: list[int], room: int = DEFAULT_ROOM, method: Method | None = None) -> None:
         self.tokenizer = tokenizer
         n, g = len(ctx_ids), len(probe_ids)
         if g:  # the probe votes as the window and is kept whole, then cut
             keep = config.kept_tokens(n, window=g)
             config = dataclasses.replace(config, budget=keep + g, window=g)
-        self.engine = Engine(model, config)
+        self.engine = Engine(model, config, method=method)
         sync = _sync_fn(self.engine.parts.device)
         t0 = time.perf_counter()
         self.cache, _, _ = self.engine.prefill(torch.tensor([ctx_ids + probe_ids]), max_new_tokens=room)

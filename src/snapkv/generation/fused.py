@@ -55,6 +55,22 @@ def _attention_kernel(q: torch.Tensor, cache: StaticKVCache, layer: int, scaling
     )
 
 
+def _attention_ragged_twin(q: torch.Tensor, cache: StaticKVCache, layer: int, scaling: float) -> torch.Tensor:
+    from snapkv.kernels.ragged_ref import ragged_decode_reference
+
+    d = q.shape[-1]
+    return ragged_decode_reference(q, cache.keys[layer].view(-1, d), cache.values[layer].view(-1, d),
+                                   cache.starts[layer], cache.lengths[layer], scaling=scaling)
+
+
+def ragged_twin_ops() -> FusedOps:
+    """Torch twins, the attention reading the kernel's ragged view (``starts``, ``lengths``), not the mask.
+
+    The reference of :func:`kernel_ops`' attention on any device (one host sync per layer).
+    """
+    return FusedOps(add_rmsnorm_ref, rope_append_ref, silu_mul_ref, _attention_ragged_twin, "torch twins, ragged")
+
+
 def twin_ops() -> FusedOps:
     """Torch twins (any device)."""
     return FusedOps(add_rmsnorm_ref, rope_append_ref, silu_mul_ref, _attention_twin, "torch twins")

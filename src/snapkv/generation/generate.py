@@ -6,6 +6,9 @@ Example::
     out = engine.generate(input_ids, attention_mask, max_new_tokens=64)
     out.tokens  # [B, 64]
 
+    # head-adaptive budgets (AdaKV): each layer's heads share budget * Hkv tokens
+    engine = Engine(model, SnapKVConfig(budget=2048), method=AdaptiveHeads(SnapKV()))
+
     stream = engine.stream(input_ids, max_new_tokens=64, temperature=0.7, top_p=0.9, seed=1,
                            eos_token_id=[2, 7], stop=["\n\n"], tokenizer=tok)
     for step in stream:  # one StreamStep per position: step.tokens, step.text, step.finished
@@ -31,12 +34,12 @@ from snapkv.core.budgets import PROFILES
 from snapkv.generation.adapter import runner_for
 from snapkv.generation.attention import PREFILL_BACKENDS, default_prefill_backend
 from snapkv.generation.decode import DecodeRunner
-from snapkv.generation.memory import NotEnoughMemoryError, check_fits
+from snapkv.generation.memory import NotEnoughMemoryError, available_bytes, cache_bytes, check_fits
 from snapkv.generation.own_layers import OwnLayers
 from snapkv.generation.prefill import PrefillStats, prefill
 from snapkv.generation.sampling import SamplingParams
 from snapkv.generation.selfcheck import self_check as run_self_check
-from snapkv.generation.static_cache import StaticKVCache
+from snapkv.generation.static_cache import PromptStaging, StaticKVCache
 from snapkv.generation.stream import Stream, StreamStep, check_stop, decode_stream, eos_list
 from snapkv.methods.base import Method
 from snapkv.methods.snapkv import SnapKV
@@ -98,7 +101,15 @@ class Engine:
             sliding-window layers on their own decoder layers, see
             :mod:`~snapkv.generation.own_layers`), on one device.
         config: window and budget; None keeps the full prompt cache (same engine, no scoring).
-        method: how positions are scored (default :class:`~snapkv.methods.SnapKV` from the config).
+        method: how positions are scored and selected (default :class:`~snapkv.methods.SnapKV`
+            from the config). Wrappers apply as on the transformers path:
+            :class:`~snapkv.methods.PyramidBudgets` sets per-layer budgets, and
+            :class:`~snapkv.methods.AdaptiveHeads` shares each layer's ``budget * Hkv`` tokens
+            between its KV heads (AdaKV): each head's kept tokens get their own segment of the
+            static cache, sized by the fullest head (known after the prefill, see
+            :class:`~snapkv.generation.static_cache.PromptStaging`), and the fused decode's
+            ragged attention reads each head's own tokens only. The wrapper's ``slack`` (room
+            per head on the transformers path) does not apply: ``max_new_tokens`` sizes the room.
         layer_profile: ``"uniform"`` or ``"pyramid"`` budgets across layers.
         prefill_chunk: query (and MLP) rows per prefill step; bounds the activations.
         attention_backend: prefill attention by query chunks (``flash``, ``cudnn``, ``cudnn_gqa``,
@@ -162,9 +173,18 @@ class Engine:
         self.self_check_error = run_self_check(self) if self_check else None
 
     # -- planning --------------------------------------------------------------------------------
+    @property
+    def per_head(self) -> bool:
+        """Whether the method keeps a different count per KV head (head-adaptive budgets)."""
+        return self.method.slack is not None
+
     def prompt_slots(self, length: int, compress: bool = True) -> int:
-        """Cache slots one prompt of ``length`` tokens needs (its largest layer budget)."""
-        return self.parts.prompt_slots(self.config if compress else None, length, self.layer_profile)
+        """Cache slots one prompt of ``length`` tokens needs (its largest layer budget).
+
+        With head-adaptive budgets this is the per-head average; the cache built after the
+        prefill holds the fullest head's count (:class:`~snapkv.generation.static_cache.PromptStaging`).
+        """
+        return self.parts.prompt_slots(self.config if compress else None, length, self.layer_profile, self.method)
 
     def new_cache(self, lengths: list[int], max_new_tokens: int, compress: bool = True) -> StaticKVCache:
         """A static cache for rows of these prompt lengths, after checking that everything fits.
@@ -172,6 +192,11 @@ class Engine:
         Raises :class:`~snapkv.generation.memory.NotEnoughMemoryError` before any allocation
         when the cache plus the prefill's work would not fit in the device's free memory.
         """
+        slots = self._check_fits(lengths, max_new_tokens, compress)
+        return self.parts.make_cache(len(lengths), slots, max_new_tokens)
+
+    def _check_fits(self, lengths: list[int], max_new_tokens: int, compress: bool) -> int:
+        """The prompt slots of these rows, once :func:`check_fits` passed (raises before allocating)."""
         slots = max(self.prompt_slots(n, compress) for n in lengths)
         check_fits(
             self.parts,
@@ -182,7 +207,19 @@ class Engine:
             capacity_for=lambda n: self.prompt_slots(n, compress) + max_new_tokens,
             whole_layer_bytes=self.whole_layer_bytes,
         )
-        return self.parts.make_cache(len(lengths), slots, max_new_tokens)
+        return slots
+
+    def _build_staged(self, staging: PromptStaging, max_new_tokens: int) -> StaticKVCache:
+        """The static cache of a head-adaptive prefill, sized by its fullest head (checked first)."""
+        slots = staging.prompt_slots()
+        need = cache_bytes(self.parts, staging.batch, slots + max_new_tokens)
+        free = available_bytes(self.parts.device)
+        if free is not None and need > free:
+            raise NotEnoughMemoryError(
+                f"the head-adaptive cache ({slots} prompt slots per head: the fullest head's count, "
+                f"+ {max_new_tokens} new) needs {need / 2**30:.1f} GiB, only {free / 2**30:.1f} GiB is free",
+                need, free, "a smaller budget, fewer rows, or a larger alpha (more even heads)")
+        return staging.build(self.parts.make_cache, max_new_tokens)
 
     def runner(self, cache: StaticKVCache, temperature: float = 0.0) -> DecodeRunner:
         """A decode runner over ``cache`` with this engine's graph and fused-kernel settings."""
@@ -210,12 +247,17 @@ class Engine:
         lengths = [r.numel() for r in rows]
         oom = None
         config = self.config if compress else None
+        staged = config is not None and self.per_head  # per-head counts: the cache is sized after the prefill
         try:
-            cache = self.new_cache(lengths, max_new_tokens, compress)  # raises before allocating if it cannot fit
+            if staged:  # the staging holds the kept tokens: a uniform cache's bytes
+                self._check_fits(lengths, max_new_tokens, compress)
+                target: StaticKVCache | PromptStaging = PromptStaging(self.parts.num_layers, len(rows))
+            else:
+                target = self.new_cache(lengths, max_new_tokens, compress)  # raises before allocating if it cannot fit
             logits, stats = prefill(
                 self.parts,
                 rows,
-                cache,
+                target,
                 config=config,
                 method=self.method,
                 layer_profile=self.layer_profile,
@@ -224,10 +266,11 @@ class Engine:
                 num_layers=num_layers,
                 whole_layer_bytes=self.whole_layer_bytes,
             )
+            cache = self._build_staged(target, max_new_tokens) if isinstance(target, PromptStaging) else target
         except torch.OutOfMemoryError as err:
             oom = str(err).splitlines()[0]
         if oom is not None:  # outside the handler, so the failed frames' tensors are already gone
-            cache = None
+            cache = target = None
             _release()
             raise NotEnoughMemoryError(
                 f"out of memory prefilling {len(rows)} prompt(s) of up to {max(lengths)} tokens ({oom}); "

@@ -36,6 +36,7 @@ from snapkv.config import SnapKVConfig
 from snapkv.core.budgets import layer_budget
 from snapkv.generation.adapter import STATIC_ROPE_TYPES
 from snapkv.generation.static_cache import StaticKVCache
+from snapkv.methods.base import Method
 
 #: Model types whose own layers the engine runs (each has an equality test against transformers).
 OWN_LAYER_MODEL_TYPES: tuple[str, ...] = (
@@ -224,9 +225,12 @@ class OwnLayers:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
     # -- budgets -----------------------------------------------------------------------------
-    def kept_per_layer(self, config: SnapKVConfig | None, length: int, profile: str = "uniform") -> list[int]:
+    def kept_per_layer(
+        self, config: SnapKVConfig | None, length: int, profile: str = "uniform", method: Method | None = None
+    ) -> list[int]:
         """Prompt tokens each layer keeps: a sliding layer its last ``window - 1``, a full layer its
-        budget (ranked among the full layers for the pyramid profile, as the transformers path does)."""
+        budget (ranked among the full layers for the pyramid profile and ``method``'s own layer
+        budget, as the transformers path does)."""
         full = self.full_layers
         out = []
         for i, kind in enumerate(self.kinds):
@@ -235,13 +239,18 @@ class OwnLayers:
                 continue
             k = length if config is None else config.kept_tokens(length, config.window)
             if k < length:
-                k = min(length, layer_budget(profile, k, config.window, full.index(i), len(full)))
+                rank = full.index(i)
+                k = min(length, layer_budget(profile, k, config.window, rank, len(full)))
+                if method is not None:
+                    k = min(length, method.layer_budget(k, config.window, rank, len(full)))
             out.append(k)
         return out
 
-    def prompt_slots(self, config: SnapKVConfig | None, length: int, profile: str = "uniform") -> int:
+    def prompt_slots(
+        self, config: SnapKVConfig | None, length: int, profile: str = "uniform", method: Method | None = None
+    ) -> int:
         """Cache slots one prompt of ``length`` tokens needs (its largest layer)."""
-        return max(self.kept_per_layer(config, length, profile))
+        return max(self.kept_per_layer(config, length, profile, method))
 
     # -- the engine's runner interface (prefill one row, one decode step, a cache) ----------------
     def make_cache(self, batch: int, prompt_slots: int, max_new_tokens: int) -> StaticKVCache:

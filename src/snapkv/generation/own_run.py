@@ -35,8 +35,8 @@ from snapkv.generation.own_attention import (
     decode_attention_capped,
 )
 from snapkv.generation.own_layers import OwnLayers, own_attention
-from snapkv.generation.prefill import PhaseTimer, select_layer
-from snapkv.generation.static_cache import StaticKVCache
+from snapkv.generation.prefill import PhaseTimer, select_layer, store_layer
+from snapkv.generation.static_cache import PromptStaging, StaticKVCache
 from snapkv.methods.base import Method, ScoreInputs
 
 
@@ -96,7 +96,7 @@ class _PrefillKV:
 def own_prefill_row(
     parts: OwnLayers,
     ids: torch.Tensor,
-    cache: StaticKVCache,
+    cache: StaticKVCache | PromptStaging,
     row: int,
     *,
     kept: Sequence[int],
@@ -141,11 +141,11 @@ def own_prefill_row(
                 timer.start("score")
                 st = kv.settings
                 inputs = ScoreInputs(kv.q_win, keys, None, w, st.scaling, st.softcap, li)
-                keys, values = select_layer(method, inputs, values, kept[li])
+                keys, values, counts = select_layer(method, inputs, values, kept[li])
             else:  # a sliding layer's last window - 1 tokens, or a full layer's whole prompt
-                keys, values = keys[:, :, n - kept[li] :], values[:, :, n - kept[li] :]
+                keys, values, counts = keys[:, :, n - kept[li] :], values[:, :, n - kept[li] :], None
             timer.start("cache")
-            cache.load(li, row, keys[0], values[0])
+            store_layer(cache, li, row, keys, values, counts)
             del kv, keys, values  # this layer's full KV is gone before the next layer starts
     timer.start("logits")
     logits = parts.logits(x[:, -1:])[0, -1]  # [V]

@@ -10,7 +10,9 @@ For each row and layer:
    single causal attention call covers the layer (faster; the MLP still runs by chunks);
 3. the layer is scored and selected with the project's :class:`~snapkv.methods.Method`
    (the fused Triton votes when available), its kept K/V are written into the static cache,
-   and its full K/V are freed before the next layer.
+   and its full K/V are freed before the next layer. A head-adaptive method
+   (:class:`~snapkv.methods.AdaptiveHeads`) shares the layer's total between its KV heads;
+   each head's kept tokens then go to its own segment of the cache (per-head lengths).
 
 Only the last position's logits are computed. The model's own modules are called with their
 own weights; nothing is copied or patched.
@@ -26,12 +28,13 @@ from dataclasses import dataclass, field
 import torch
 
 from snapkv.config import SnapKVConfig
+from snapkv.core.adaptive import RaggedSelection
 from snapkv.core.budgets import layer_budget
 from snapkv.core.scoring import pool_votes
-from snapkv.core.selection import gather_positions, select_topk
+from snapkv.core.selection import Selection, gather_positions, select_topk
 from snapkv.generation.adapter import DecoderParts
 from snapkv.generation.attention import causal_chunk_attention, whole_layer_attention
-from snapkv.generation.static_cache import StaticKVCache
+from snapkv.generation.static_cache import PromptStaging, StaticKVCache
 from snapkv.methods.base import Method, ScoreInputs
 from snapkv.methods.snapkv import SnapKV
 
@@ -99,21 +102,40 @@ class PrefillStats:
 
 
 def kept_per_layer(
-    config: SnapKVConfig | None, length: int, num_layers: int, profile: str = "uniform"
+    config: SnapKVConfig | None,
+    length: int,
+    num_layers: int,
+    profile: str = "uniform",
+    method: Method | None = None,
 ) -> list[int]:
-    """Tokens each layer keeps of a ``length``-token prompt (all of them without a config)."""
+    """Tokens each layer keeps (per KV head, on average) of a ``length``-token prompt.
+
+    All of them without a config. ``method``'s own layer budget
+    (:meth:`~snapkv.methods.Method.layer_budget`, e.g. :class:`~snapkv.methods.PyramidBudgets`)
+    applies on top of ``profile``, as on the transformers path.
+    """
     if config is None:
         return [length] * num_layers
     base = config.kept_tokens(length, config.window)
     if base >= length:
         return [length] * num_layers
-    return [min(length, layer_budget(profile, base, config.window, r, num_layers)) for r in range(num_layers)]
+    kept = [min(length, layer_budget(profile, base, config.window, r, num_layers)) for r in range(num_layers)]
+    if method is not None:
+        kept = [min(length, method.layer_budget(k, config.window, r, num_layers)) for r, k in enumerate(kept)]
+    return kept
 
 
 def select_layer(
     method: Method, inputs: ScoreInputs, values: torch.Tensor, keep: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Kept ``keys, values [1, Hkv, keep, D]`` of one layer (fused votes for plain SnapKV)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Kept K/V of one layer of one row: ``(keys, values, head_lengths)``.
+
+    A method whose heads keep equal counts gives ``keys, values [1, Hkv, keep, D]`` and None
+    (the fused votes for plain SnapKV). A method that shares the layer's ``keep * Hkv`` tokens
+    between its heads (:class:`~snapkv.methods.AdaptiveHeads`) gives flat per-head segments
+    ``[N, D]`` in head order, positions increasing inside each, and their ``[Hkv]`` int64
+    lengths (see :meth:`StaticKVCache.load_heads`).
+    """
     n_keep = torch.tensor([keep])
     if type(method) is SnapKV and reduced_window_votes is not None:
         # Same steps as SnapKV.score, with the votes from the fused kernel when on CUDA.
@@ -130,15 +152,34 @@ def select_layer(
         prefix = votes.shape[-1] - w
         votes[..., :prefix] = pool_votes(votes[..., :prefix].contiguous(), method.kernel, method.pooling)
         sel = select_topk(votes, n_keep, w, None)
-        return gather_positions(inputs.keys, sel.indices), gather_positions(values, sel.indices)
-    k, v, _ = method.compress(inputs, values, n_keep)
-    return k, v
+        return gather_positions(inputs.keys, sel.indices), gather_positions(values, sel.indices), None
+    sel = method.select(inputs, n_keep)
+    if isinstance(sel, RaggedSelection):  # head-adaptive: each head its own count
+        return sel.gather(inputs.keys), sel.gather(values), sel.lengths[0].to(torch.long)
+    if not isinstance(sel, Selection):
+        raise TypeError(f"{type(method).__name__}.select() returned {type(sel).__name__}, not a selection")
+    return gather_positions(inputs.keys, sel.indices), gather_positions(values, sel.indices), None
+
+
+def store_layer(
+    cache: StaticKVCache | PromptStaging,
+    layer: int,
+    row: int,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    head_lengths: torch.Tensor | None = None,
+) -> None:
+    """Write :func:`select_layer`'s result (or a layer's uncompressed ``[1, Hkv, n, D]``) into ``cache``."""
+    if head_lengths is None:
+        cache.load(layer, row, keys[0], values[0])
+    else:
+        cache.load_heads(layer, row, keys, values, head_lengths)
 
 
 def prefill_row(
     parts: DecoderParts,
     ids: torch.Tensor,
-    cache: StaticKVCache,
+    cache: StaticKVCache | PromptStaging,
     row: int,
     *,
     kept: Sequence[int],
@@ -200,9 +241,11 @@ def prefill_row(
         timer.start("score")
         if q_win is not None:
             inputs = ScoreInputs(q_win, keys, None, w, parts.scaling, None, li)
-            keys, values = select_layer(method, inputs, values, kept[li])
+            keys, values, counts = select_layer(method, inputs, values, kept[li])
+        else:
+            counts = None
         timer.start("cache")
-        cache.load(li, row, keys[0], values[0])
+        store_layer(cache, li, row, keys, values, counts)
         del keys, values  # this layer's full KV is gone before the next layer starts
         if _PROGRESS:  # long prompts: one line per layer (synchronizes; off by default)
             if x.is_cuda:
@@ -217,7 +260,7 @@ def prefill_row(
 def prefill(
     parts: DecoderParts,
     rows: Sequence[torch.Tensor],
-    cache: StaticKVCache,
+    cache: StaticKVCache | PromptStaging,
     *,
     config: SnapKVConfig | None,
     method: Method,
@@ -232,9 +275,13 @@ def prefill(
     Args:
         parts: the model's modules.
         rows: one 1-D tensor of token ids per row (no padding).
-        cache: a static cache with ``len(rows)`` rows and enough prompt slots.
+        cache: a static cache with ``len(rows)`` rows and enough prompt slots, or a
+            :class:`~snapkv.generation.static_cache.PromptStaging` that holds the kept tokens
+            until the cache can be sized (head-adaptive methods: per-head counts are known only
+            after the selection).
         config: window and budget, or None to keep every prompt token.
-        method: how each layer scores its prompt positions.
+        method: how each layer scores and selects its prompt positions; a head-adaptive one
+            (:class:`~snapkv.methods.AdaptiveHeads`) keeps a different count per KV head.
         layer_profile: ``"uniform"`` or ``"pyramid"`` budgets across layers.
         chunk: rows of queries (and MLP rows) processed at once.
         backend: prefill attention backend (see :mod:`snapkv.generation.attention`).
@@ -252,7 +299,7 @@ def prefill(
     kept_all = []
     for row, ids in enumerate(rows):
         n = ids.numel()
-        kept = parts.kept_per_layer(config, n, layer_profile)
+        kept = parts.kept_per_layer(config, n, layer_profile, method)
         kept_all.append(kept)
         logits.append(
             parts.prefill_row(ids, cache, row, kept=kept, method=method, window=window, chunk=chunk, backend=backend,

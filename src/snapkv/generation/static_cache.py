@@ -11,10 +11,15 @@ Each head's kept prompt tokens sit right-aligned in slots ``[P - kept, P)`` of i
 so the first decoded token of every row lands in slot ``P`` and all rows advance together; rows
 (or heads, with head-adaptive budgets) that keep fewer tokens have masked filler slots in front.
 Positions continue from each row's original prompt length, not from the compressed length.
+
+With head-adaptive budgets ``P`` is the largest count any head keeps; the prefill holds the kept
+tokens in a :class:`PromptStaging` until that is known, then :meth:`PromptStaging.build` sizes
+the cache. The fused decode's ragged attention reads each head's ``lengths`` tokens only.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -106,6 +111,10 @@ class StaticKVCache:
         heads, new = self.keys.shape[2], self.capacity - self.prompt_slots
         return round(heads * sum(self.kept[layer])) + self.batch * heads * new
 
+    def head_tokens(self) -> torch.Tensor:
+        """``[layers, B, Hkv]`` kept prompt tokens of each head (they differ with head-adaptive budgets)."""
+        return self.prompt_slots - self.first
+
     def kept_bytes(self) -> int:
         """Bytes of the kept prompt tokens (all layers and rows, no filler, no free slots)."""
         per_token = 2 * self.keys.shape[2] * self.keys.shape[4] * self.keys.element_size()
@@ -137,11 +146,45 @@ class StaticKVCache:
                 raise ValueError(f"head_lengths must hold {hkv} counts in [1, {n}], got {counts.tolist()}")
         self.keys[layer, row, :, start : self.prompt_slots].copy_(keys)
         self.values[layer, row, :, start : self.prompt_slots].copy_(values)
+        self._set_heads(layer, row, counts)
+
+    def load_heads(
+        self, layer: int, row: int, keys: torch.Tensor, values: torch.Tensor, head_lengths: torch.Tensor
+    ) -> None:
+        """Write one row's per-head kept K/V (head-adaptive budgets), each head right-aligned.
+
+        ``keys, values [N, D]`` are the heads' segments one after the other (head 0 first),
+        ``head_lengths`` their ``Hkv`` counts (each >= 1, summing to ``N``): head ``h``'s
+        tokens fill its slots ``[P - head_lengths[h], P)``, the rest of its prompt slots are
+        masked filler. The decode attention then reads only each head's own tokens.
+        """
+        hkv = self.keys.shape[2]
+        counts = torch.as_tensor(head_lengths, dtype=torch.long).cpu()  # [Hkv]
+        if counts.shape != (hkv,) or bool((counts < 1).any()) or int(counts.sum()) != keys.shape[0]:
+            raise ValueError(f"head_lengths must hold {hkv} counts >= 1 summing to the {keys.shape[0]} "
+                             f"kept entries, got {counts.tolist()}")
+        if keys.shape != values.shape or keys.dim() != 2 or keys.shape[1] != self.keys.shape[-1]:
+            raise ValueError(f"keys and values must both be [N, {self.keys.shape[-1]}], got "
+                             f"{tuple(keys.shape)} and {tuple(values.shape)}")
+        if int(counts.max()) > self.prompt_slots:
+            raise ValueError(f"a head keeps {int(counts.max())} tokens, more than the {self.prompt_slots} "
+                             "prompt slots of this cache")
+        head = torch.repeat_interleave(torch.arange(hkv), counts)  # [N] head of each entry
+        rank = torch.arange(keys.shape[0]) - (counts.cumsum(0) - counts)[head]  # [N] place inside its segment
+        slot = self.prompt_slots - counts[head] + rank  # [N] right-aligned slot
+        where = (head.to(self.keys.device), slot.to(self.keys.device))
+        self.keys[layer, row].index_put_(where, keys.to(self.keys.dtype))
+        self.values[layer, row].index_put_(where, values.to(self.values.dtype))
+        self._set_heads(layer, row, counts)
+
+    def _set_heads(self, layer: int, row: int, counts: torch.Tensor) -> None:
+        """Mask, counters and the ragged view of one row and layer whose heads keep ``counts [Hkv]``."""
+        hkv = counts.numel()
         first = self.prompt_slots - counts  # [Hkv]
         slot = torch.arange(self.prompt_slots)
         bias = torch.where(slot[None] >= first[:, None], 0.0, float("-inf"))  # [Hkv, P]
         self.bias[layer, row, :, : self.prompt_slots].copy_(bias)
-        self.kept[layer][row] = n if head_lengths is None else float(counts.sum()) / hkv
+        self.kept[layer][row] = float(counts.sum()) / hkv if bool((counts != counts[0]).any()) else int(counts[0])
         self.first[layer, row].copy_(first)
         self.starts[layer, row].copy_(self._base[row] + first.to(self._base))
         self.lengths[layer, row].copy_(counts.to(self.lengths))
@@ -246,3 +289,67 @@ class StaticKVCache:
         self.bias[..., state.host_pos :] = float("-inf")
         self.lengths.copy_(self.write_pos - self.first)
         self.host_pos = state.host_pos
+
+
+class PromptStaging:
+    """Kept prompt K/V of every layer and row, held until the static cache can be sized.
+
+    With head-adaptive budgets (:class:`~snapkv.methods.AdaptiveHeads`) the heads of a layer
+    share its ``kept * Hkv`` tokens, so how many the fullest head keeps (the cache's prompt
+    slots ``P``) is known only once every layer is selected. The prefill writes into this
+    object instead (same :meth:`load` / :meth:`load_heads` calls as a
+    :class:`StaticKVCache`), which holds exactly the kept tokens (the bytes of a uniform
+    cache); :meth:`build` then allocates the cache with ``P`` = the largest head count and
+    moves the tokens in, freeing each layer as it goes.
+
+    Args:
+        num_layers: decoder layers.
+        batch: rows.
+    """
+
+    def __init__(self, num_layers: int, batch: int) -> None:
+        self.num_layers, self.batch = num_layers, batch
+        self.prompt_lengths = [0] * batch
+        # (layer, row) -> (keys, values, head lengths or None): [Hkv, n, D] dense or [N, D] per head
+        self._held: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
+
+    def load(self, layer: int, row: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Hold one row's kept K/V ``[Hkv, n, D]``, every head the same ``n`` tokens."""
+        self._held[(layer, row)] = (keys, values, None)
+
+    def load_heads(
+        self, layer: int, row: int, keys: torch.Tensor, values: torch.Tensor, head_lengths: torch.Tensor
+    ) -> None:
+        """Hold one row's per-head K/V ``[N, D]`` (see :meth:`StaticKVCache.load_heads`)."""
+        self._held[(layer, row)] = (keys, values, torch.as_tensor(head_lengths, dtype=torch.long).cpu())
+
+    def set_prompt_length(self, row: int, length: int) -> None:
+        """Record a row's original prompt length (passed on to the cache)."""
+        self.prompt_lengths[row] = length
+
+    def prompt_slots(self) -> int:
+        """Slots the cache needs per head: the most tokens any head of any layer and row keeps."""
+        out = [int(n.max()) if n is not None else k.shape[-2] for k, _, n in self._held.values()]
+        return max(out, default=1)
+
+    def kept_bytes(self) -> int:
+        """Bytes of keys and values held now."""
+        return sum(2 * k.numel() * k.element_size() for k, _, _ in self._held.values())
+
+    def build(self, make_cache: Callable[[int, int, int], StaticKVCache], max_new_tokens: int) -> StaticKVCache:
+        """The static cache (``make_cache(batch, prompt_slots, max_new_tokens)``) holding every kept token.
+
+        Each layer's held tensors are released once copied, so the staging and the cache
+        overlap by at most the whole staging (kept tokens, a uniform cache's size).
+        """
+        cache = make_cache(self.batch, self.prompt_slots(), max_new_tokens)
+        for key in sorted(self._held):
+            keys, values, counts = self._held.pop(key)
+            if counts is None:
+                cache.load(key[0], key[1], keys, values)
+            else:
+                cache.load_heads(key[0], key[1], keys, values, counts)
+            del keys, values
+        for row, n in enumerate(self.prompt_lengths):
+            cache.set_prompt_length(row, n)
+        return cache

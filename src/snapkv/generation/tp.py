@@ -9,7 +9,9 @@ MLP outputs are then partial sums: :class:`TensorParallel` all-reduces the outpu
 and ``down_proj`` through forward hooks that exist only inside its ``with`` block.
 
 SnapKV needs no communication: each rank scores and keeps its own KV heads (a KV head and its
-query heads live on one rank). The same hooks serve the transformers path (``model.generate``
+query heads live on one rank). With head-adaptive budgets (``AdaptiveHeads``) each rank's heads
+share that rank's part of the layer's total, not the whole layer's (on both paths alike).
+The same hooks serve the transformers path (``model.generate``
 with a SnapKV cache) and the engine (:class:`~snapkv.generation.Engine`, whose prefill and
 captured decode call these modules; NCCL all-reduces are captured in the CUDA graph).
 
