@@ -18,7 +18,7 @@
 #   STAGES="env gemma" bash scripts/gpu_suite.sh       -> $OUT/gemma/gemma.{json,md}
 #   STAGES="env gemma_compile" bash scripts/gpu_suite.sh   (the decode step compiled; its own call)
 # The server (scripts/bench_serve.py; serve32 about 5 minutes, serve128 about 4) and the decode step's kernels:
-#   STAGES="env graphws profile serve32" bash scripts/gpu_suite.sh   -> $OUT/{graphws.txt,profile,serve}
+#   STAGES="env capture profile serve32" bash scripts/gpu_suite.sh   -> $OUT/{capture.txt,profile,serve}
 #   STAGES="env serve128" bash scripts/gpu_suite.sh
 # Head-adaptive budgets (ragged cache; about 4 minutes, its own call):
 #   STAGES="env ragged" bash scripts/gpu_suite.sh      -> $OUT/ragged/{layer,engine,hf_model}.json
@@ -100,11 +100,10 @@ if [[ " $STAGES " == *" gemma_compile "* ]]; then
   timeout 560 "$PY" scripts/bench_gemma.py --modes engine+compile --no-check --out "$OUT/gemma_compile" || status=1
 fi
 
-if [[ " $STAGES " == *" graphws "* ]]; then
-  stage "graphws: a decode graph survives another graph's destruction (cuBLAS workspace ownership)"
-  timeout 200 "$PY" scripts/repro_graph_workspace.py 2>&1 | tee "$OUT/graphws.txt" || status=1
-  timeout 200 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_graph_workspace.py 2>&1 | tail -3 \
-    | tee -a "$OUT/graphws.txt" || status=1
+if [[ " $STAGES " == *" capture "* ]]; then
+  stage "capture: decode graphs vs other graphs' destruction and other threads' streams"
+  timeout 200 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_decode_capture.py 2>&1 | tail -3 \
+    | tee "$OUT/capture.txt" || status=1
 fi
 
 if [[ " $STAGES " == *" profile "* ]]; then
