@@ -18,7 +18,7 @@
 #   STAGES="env gemma" bash scripts/gpu_suite.sh       -> $OUT/gemma/gemma.{json,md}
 #   STAGES="env gemma_compile" bash scripts/gpu_suite.sh   (the decode step compiled; its own call)
 # The server (scripts/bench_serve.py; serve32 about 5 minutes, serve128 about 4) and the decode step's kernels:
-#   STAGES="env capture profile serve32" bash scripts/gpu_suite.sh   -> $OUT/{capture.txt,profile,serve}
+#   STAGES="env capture profile serve32 servefill32" bash scripts/gpu_suite.sh -> $OUT/{capture.txt,profile,serve}
 #   STAGES="env serve128" bash scripts/gpu_suite.sh
 # Head-adaptive budgets (ragged cache; about 4 minutes, its own call):
 #   STAGES="env ragged" bash scripts/gpu_suite.sh      -> $OUT/ragged/{layer,engine,hf_model}.json
@@ -112,19 +112,24 @@ if [[ " $STAGES " == *" profile "* ]]; then
 fi
 
 if [[ " $STAGES " == *" serve32 "* ]]; then
-  stage "serve32: 16 x 32K, SnapKV vs full cache; distinct documents (arrival), then filled from one document"
+  stage "serve32: 16 x 32K distinct documents arriving at once, SnapKV vs full cache"
   timeout 330 "$PY" scripts/bench_serve.py --model llama3-8b --device cuda --lengths 32768 --fill-from-document \
     --counts 16 --full-counts 16 --max-tokens 8192 --steady-steps 64 --time-budget-s 280 \
     --out "$OUT/serve/distinct32k" || status=1
-  timeout 200 "$PY" scripts/bench_serve.py --model llama3-8b --device cuda --lengths 32768 \
-    --fill-from-document 32768 --fill-counts 16 --full-fill --fill-max-tokens 512 --steady-steps 128 \
-    --time-budget-s 160 --out "$OUT/serve/fill32k" || status=1
+fi
+
+if [[ " $STAGES " == *" servefill32 "* ]]; then
+  stage "servefill32: 16 x 32K filled from one document, SnapKV vs full: both decode phases start together"
+  timeout 240 "$PY" scripts/bench_serve.py --model llama3-8b --device cuda --lengths 32768 \
+    --fill-from-document 32768 --fill-counts 16 --full-fill --fill-max-tokens 3072 --steady-steps 128 \
+    --time-budget-s 200 --out "$OUT/serve/fill32k" || status=1
 fi
 
 if [[ " $STAGES " == *" serve128 "* ]]; then
   stage "serve128: 128K documents: how many rows decode at once (filled from one document), full cache beside"
   timeout 300 "$PY" scripts/bench_serve.py --model llama3-8b --device cuda --lengths 131072 \
-    --fill-from-document 131072 --fill-counts 32 64 --full-counts 1 --steady-steps 64 --time-budget-s 260 \
+    --fill-from-document 131072 --fill-counts 32 64 --fill-max-tokens 2048 --full-counts 1 --steady-steps 64 \
+    --time-budget-s 260 \
     --out "$OUT/serve/fill128k" || status=1
 fi
 

@@ -14,6 +14,8 @@ import torch
 from snapkv.generation.adapter import DecoderParts
 from snapkv.generation.attention import decode_attention
 from snapkv.generation.fused import FusedOps, decode_one_token_fused, kernel_ops, twin_ops, unsupported_reason
+from snapkv.generation.projections import FusedProjections
+from snapkv.generation.projections import fuse_projections as fuse_layer_projections
 from snapkv.generation.sampling import sample
 from snapkv.generation.static_cache import StaticKVCache
 
@@ -64,6 +66,9 @@ class DecodeRunner:
         pool: a graph memory pool to share between runners (``torch.cuda.graph_pool_handle()``).
         fused: use :mod:`snapkv.generation.fused` (Triton kernels on CUDA, torch twins elsewhere);
             default: on CUDA when Triton imports and the model's layers allow it.
+        fuse_projections: with the fused step, run each layer's q/k/v and gate/up as one GEMM each
+            over one shared buffer (:mod:`snapkv.generation.projections`: the modules' weights
+            become slices of it, same values and memory); default: with the Triton kernels (CUDA).
     """
 
     def __init__(
@@ -75,6 +80,7 @@ class DecodeRunner:
         temperature: float = 0.0,
         pool: object | None = None,
         fused: bool | None = None,
+        fuse_projections: bool | None = None,
     ) -> None:
         device = cache.keys.device
         self.parts, self.cache, self.temperature = parts, cache, temperature
@@ -90,6 +96,11 @@ class DecodeRunner:
         self.pool = pool
         self.capture_s = 0.0
         self.ops = self._pick_ops(fused, device)
+        if fuse_projections and self.ops is None:
+            raise ValueError("fuse_projections=True needs the fused decode step (fused=True on a model it can run)")
+        if fuse_projections is None:
+            fuse_projections = self.ops is not None and device.type == "cuda"
+        self.proj: FusedProjections | None = fuse_layer_projections(parts.layers) if fuse_projections else None
 
     def _pick_ops(self, fused: bool | None, device: torch.device) -> FusedOps | None:
         reason = unsupported_reason(self.parts)
@@ -108,7 +119,7 @@ class DecodeRunner:
 
     def _step(self) -> None:
         if self.ops is not None:
-            logits = decode_one_token_fused(self.parts, self.cache, self.tokens, self.ops)
+            logits = decode_one_token_fused(self.parts, self.cache, self.tokens, self.ops, self.proj)
         else:
             logits = self.parts.decode_step(self.cache, self.tokens)
         nxt = sample(logits, self.temperature)
@@ -125,6 +136,8 @@ class DecodeRunner:
 
         t0 = time.perf_counter()
         self.cache.check_room(1)
+        if self.proj is not None and not self.proj.valid():  # a parameter was replaced since: fuse again
+            self.proj = fuse_layer_projections(self.parts.layers)
         # Every stream's pending work first: the cache may have been allocated and initialised on another
         # thread's stream (the server builds it on the main thread and captures on its decode stream); a
         # warm-up that overtook those initialisations read garbage write positions (out-of-bounds scatters).

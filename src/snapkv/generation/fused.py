@@ -4,11 +4,11 @@ Same arithmetic as :func:`snapkv.generation.decode.decode_one_token` (transforme
 organised so that each layer launches 13 kernels instead of ~48:
 
     h  = add_rmsnorm(x, mlp_out_prev)         x += previous MLP output; input RMSNorm
-    q, k, v = q_proj(h), k_proj(h), v_proj(h)
+    q, k, v = q_proj(h), k_proj(h), v_proj(h)   one GEMM over a shared q/k/v buffer on CUDA (projections.py)
     q  = rope_append(q, k, v, cache)          RoPE; rotated k and v written at write_pos
     o  = ragged decode attention(q, cache)    one pass over the row's kept + new tokens
     h2 = add_rmsnorm(x, o_proj(o))            x += attention output; post-attention RMSNorm
-    mlp_out = down_proj(silu_mul(gate_proj(h2), up_proj(h2)))
+    mlp_out = down_proj(silu_mul(gate_proj(h2), up_proj(h2)))   gate/up likewise one GEMM
 
 :class:`FusedOps` holds either the Triton kernels (CUDA) or their torch twins, so the very same
 step runs, and is tested, on CPU.
@@ -23,6 +23,7 @@ import torch
 
 from snapkv.generation.adapter import DecoderParts
 from snapkv.generation.attention import decode_attention
+from snapkv.generation.projections import FusedProjections
 from snapkv.generation.static_cache import StaticKVCache
 from snapkv.kernels.decode_ops_ref import add_rmsnorm_ref, rope_append_ref, silu_mul_ref
 
@@ -110,9 +111,14 @@ def unsupported_reason(parts: DecoderParts) -> str | None:
 
 
 def decode_one_token_fused(
-    parts: DecoderParts, cache: StaticKVCache, tokens: torch.Tensor, ops: FusedOps
+    parts: DecoderParts, cache: StaticKVCache, tokens: torch.Tensor, ops: FusedOps,
+    proj: FusedProjections | None = None,
 ) -> torch.Tensor:
-    """One token per row through the model with fused operations; returns logits ``[B, V]``."""
+    """One token per row through the model with fused operations; returns logits ``[B, V]``.
+
+    ``proj``: q/k/v and gate/up of each layer as one GEMM each
+    (:func:`~snapkv.generation.projections.fuse_projections`); None runs the modules one by one.
+    """
     b = tokens.shape[0]
     if b != cache.batch:
         raise ValueError(f"decode got {b} tokens for a cache of {cache.batch} rows")
@@ -125,12 +131,15 @@ def decode_one_token_fused(
         attn, mlp = layer.self_attn, layer.mlp
         norm = layer.input_layernorm
         h = ops.add_rmsnorm(x, delta, norm.weight, norm.variance_epsilon)
-        q = ops.rope_append(attn.q_proj(h), attn.k_proj(h), attn.v_proj(h), cos, sin,
-                            cache.keys[li], cache.values[li], cache.write_pos)  # [B, Hq, D]
+        qkv = proj.qkv[li] if proj is not None else None
+        q, k, v = qkv(h) if qkv is not None else (attn.q_proj(h), attn.k_proj(h), attn.v_proj(h))
+        q = ops.rope_append(q, k, v, cos, sin, cache.keys[li], cache.values[li], cache.write_pos)  # [B, Hq, D]
         o = ops.attention(q, cache, li, parts.scaling)  # [B, Hq, D]
         norm = layer.post_attention_layernorm
         h = ops.add_rmsnorm(x, attn.o_proj(o.reshape(b, -1)), norm.weight, norm.variance_epsilon)
-        delta = mlp.down_proj(ops.silu_mul(mlp.gate_proj(h), mlp.up_proj(h)))
+        gate_up = proj.gate_up[li] if proj is not None else None
+        gate, up = gate_up(h) if gate_up is not None else (mlp.gate_proj(h), mlp.up_proj(h))
+        delta = mlp.down_proj(ops.silu_mul(gate, up))
     h = ops.add_rmsnorm(x, delta, parts.norm.weight, parts.norm.variance_epsilon)
     logits = parts.lm_head(h)  # [B, V]
     cache.advance()
