@@ -125,6 +125,13 @@ if [[ " $STAGES " == *" servefill32 "* ]]; then
     --time-budget-s 200 --out "$OUT/serve/fill32k" || status=1
 fi
 
+if [[ " $STAGES " == *" servesweep32 "* ]]; then
+  stage "servesweep32: N = 1, 8, 32, 64 rows of 32K filled from one document, SnapKV vs full at the same N"
+  timeout 280 "$PY" scripts/bench_serve.py --model llama3-8b --device cuda --lengths 32768 \
+    --fill-from-document 32768 --fill-counts 1 8 32 64 --full-fill --fill-max-tokens 3072 --steady-steps 64 \
+    --time-budget-s 240 --out "$OUT/serve/sweep32k" || status=1
+fi
+
 if [[ " $STAGES " == *" serve128 "* ]]; then
   stage "serve128: 128K documents: how many rows decode at once (filled from one document), full cache beside"
   timeout 300 "$PY" scripts/bench_serve.py --model llama3-8b --device cuda --lengths 131072 \
