@@ -18,7 +18,9 @@ __all__ = [
     "ContextCache",
     "LayerStats",
     "Lease",
+    "KVzip",
     "Method",
+    "Probe",
     "PyramidBudgets",
     "RandomSelect",
     "ScoreInputs",
@@ -41,8 +43,9 @@ _EXPORTS: dict[str, str] = {
     "SnapKVConfig": "snapkv.config",
     **dict.fromkeys(("Lease", "enable"), "snapkv.integration.hf"),
     "SnapKVSession": "snapkv.integration.session",
-    **dict.fromkeys(("H2O", "AdaptiveHeads", "Method", "PyramidBudgets", "RandomSelect", "ScoreInputs", "SnapKV",
-                     "StreamingLLM"), "snapkv.methods"),
+    **dict.fromkeys(("H2O", "AdaptiveHeads", "Method", "Probe", "PyramidBudgets", "RandomSelect", "ScoreInputs",
+                     "SnapKV", "StreamingLLM"), "snapkv.methods"),
+    "KVzip": "snapkv.methods.kvzip",
 }
 
 if TYPE_CHECKING:  # static tools see the real names
@@ -52,10 +55,12 @@ if TYPE_CHECKING:  # static tools see the real names
     from snapkv.config import SnapKVConfig
     from snapkv.integration.hf import Lease, enable
     from snapkv.integration.session import SnapKVSession
+    from snapkv.methods.kvzip import KVzip
     from snapkv.methods import (
         H2O,
         AdaptiveHeads,
         Method,
+        Probe,
         PyramidBudgets,
         RandomSelect,
         ScoreInputs,

@@ -8,7 +8,10 @@
   asked against that one cache, which is rolled back after each answer. With ``probe``, a
   generic question appended to the context is the observation window while it is
   compressed; it votes, then is cut from the cache (SnapKV's context-only weakness, lifted
-  at the price of nothing but the probe's own tokens in the prefill).
+  at the price of nothing but the probe's own tokens in the prefill). The scorer is a
+  method: ``Probe(SnapKV(kernel=31))`` by default (:class:`~snapkv.methods.Probe`, chosen by
+  the reuse measurements), ``KVzip(...)`` (context replay, transformers path), or a plain
+  ``SnapKV(...)`` whose window is the context's own last tokens.
 """
 
 from __future__ import annotations
@@ -25,14 +28,14 @@ from snapkv.cache.compressed import SnapKVCache, Snapshot
 from snapkv.config import SnapKVConfig
 from snapkv.integration.session import SnapKVSession
 from snapkv.methods.base import Method
+from snapkv.methods.probe import DEFAULT_PROBE, Probe
+from snapkv.methods.snapkv import SnapKV
+
+#: What ``ContextCache(method=...)`` accepts (a :class:`~snapkv.methods.kvzip.KVzip` too).
+CONTEXT_METHODS = "Probe(...), KVzip(...) or SnapKV(...)"
 
 MODES: tuple[str, ...] = ("query_aware", "context_only")
 
-#: A task-agnostic probe question for context-only caches (``ContextCache(probe=True)``).
-DEFAULT_PROBE = (
-    "\nQuestion: What are the special numbers, keys, names, values and words stated in the text above? "
-    "Recall them exactly."
-)
 
 
 @dataclass
@@ -167,7 +170,6 @@ def answer(
     chat: bool | None = None,
     compress: bool = True,
     backend: str = "auto",
-    method: Method | None = None,
 ) -> Answer:
     """Answer ``question`` about ``context`` with a query-aware compressed cache (greedy).
 
@@ -176,9 +178,6 @@ def answer(
     decode; ``ValueError`` on a model it cannot run), ``"transformers"`` (:class:`SnapKVSession`
     and the model's own forward) or ``"auto"`` (the engine where it runs the model, else
     transformers). ``Answer.backend`` says which one ran.
-    ``method``: how positions are chosen (default :class:`~snapkv.methods.SnapKV` from
-    ``config``), wrappers included, e.g. ``AdaptiveHeads(SnapKV())`` (head-adaptive budgets),
-    on either backend.
     """
     from snapkv.generation.answer import resolve_backend  # engine dispatch (see snapkv.generation.answer)
 
@@ -198,8 +197,8 @@ def answer(
         from snapkv.generation.answer import engine_answer
 
         engine_config = dataclasses.replace(config, window=window)
-        return engine_answer(model, tokenizer, ctx_ids + q_ids, engine_config, max_new_tokens, eos, method)
-    with SnapKVSession(model, config, method=method) as session:
+        return engine_answer(model, tokenizer, ctx_ids + q_ids, engine_config, max_new_tokens, eos)
+    with SnapKVSession(model, config) as session:
         session.window = window
         cache = session.new_cache()
         tokens, pre, dec = _greedy(model, session, cache, ctx_ids + q_ids, 0, max_new_tokens, eos)
@@ -218,35 +217,75 @@ class ContextCache:
     Args:
         model, tokenizer: a transformers decoder and its tokenizer.
         context: the document.
-        config: budget (context tokens kept per layer and KV head) and scoring settings.
+        config: budget (context tokens kept per layer and KV head) and window; the scoring
+            settings (kernel, pooling, GQA reduction) of ``probe=`` and of a model with
+            sliding-window layers (see ``method``).
         chat: wrap in the tokenizer's chat template (default: when it has one).
         probe: ``True`` (:data:`DEFAULT_PROBE`) or a text appended to the context while it is
             compressed: its tokens are the observation window (they vote instead of the
             context's last tokens), then they are cut, so the cache holds exactly the budget
-            of context tokens. Needs a model whose layers are all full attention.
+            of context tokens; scored with ``config``'s kernel. ``False``: no probe, the
+            context's last ``config.window`` tokens vote (SnapKV's plain context-only mode).
+            Needs a model whose layers are all full attention. Give ``probe`` or ``method``,
+            not both.
+        method: the query-agnostic scorer: :class:`~snapkv.methods.Probe` (a probe question
+            votes through its SnapKV scorer, then is cut), :class:`~snapkv.methods.kvzip.KVzip`
+            (context replay scores; runs on the transformers path, so ``backend="auto"``
+            takes it there and ``"engine"`` raises), or :class:`~snapkv.methods.SnapKV`
+            (no probe). Default (both ``probe`` and ``method`` None): ``Probe()``, i.e. the
+            default probe scored by ``SnapKV(kernel=31)`` (the reuse measurements' choice,
+            docs/RESULTS.md "Reuse at 4x"), on models whose layers are all full attention;
+            on a model with sliding-window layers, where neither a probe nor a replay can be
+            rolled back, ``SnapKV`` with ``config``'s scoring. :attr:`method` holds the choice.
         backend: ``"auto"``, ``"engine"`` or ``"transformers"``, as for :func:`answer`. On the
             engine the context is prefilled once into a static cache; each question is fed
             over it and rolled back after the answer.
-        method: how positions are chosen, as for :func:`answer` (e.g. ``AdaptiveHeads(SnapKV())``).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, context: str, config: SnapKVConfig | None = None,
-                 *, chat: bool | None = None, probe: bool | str | None = None, backend: str = "auto",
-                 method: Method | None = None) -> None:
+                 *, chat: bool | None = None, probe: bool | str | None = None, method: Method | None = None,
+                 backend: str = "auto") -> None:
         from snapkv.generation.answer import resolve_backend  # engine dispatch (see snapkv.generation.answer)
+        from snapkv.methods.kvzip import KVzip
 
+        if probe is not None and not isinstance(probe, (bool, str)) or probe == "":
+            raise ValueError(f"probe must be True, False, None or a non-empty text, got {probe!r}")
+        if method is not None and not isinstance(method, (Probe, KVzip, SnapKV)):
+            raise ValueError(f"method must be {CONTEXT_METHODS} (a query-agnostic scorer), "
+                             f"got {type(method).__name__}")
+        if method is not None and probe is not None:
+            raise ValueError("give probe or method, not both (probe=True is method=Probe(SnapKV(kernel=...)) "
+                             "with config's scoring)")
         self.backend = resolve_backend(model, backend)
         self._engine: Any = None
         self.model, self.tokenizer, self.context, self.chat = model, tokenizer, context, chat
         self.config = config or SnapKVConfig()
-        self.method = method
-        self.session = SnapKVSession(model, self.config, method=method)
-        if probe is not None and not isinstance(probe, (bool, str)) or probe == "":
-            raise ValueError(f"probe must be True, False, None or a non-empty text, got {probe!r}")
-        self.probe = DEFAULT_PROBE if probe is True else (probe or None)
-        if self.probe is not None and len(self.session.full_layers) < len(self.session.layer_types):
-            raise ValueError("probe needs a model whose layers are all full attention: the probe cannot be "
-                             "cut from sliding-window layers")
+        self.session = SnapKVSession(model, self.config)
+        full_attention = len(self.session.full_layers) == len(self.session.layer_types)
+        own = SnapKV(kernel=self.config.kernel, pooling=self.config.pooling, gqa_reduce=self.config.gqa_reduce,
+                     chunk_size=self.config.chunk_size)
+        if isinstance(probe, str) or probe is True:
+            method = Probe(own, DEFAULT_PROBE if probe is True else probe)
+        elif probe is False:
+            method = own
+        elif method is None:
+            method = Probe() if full_attention else own
+        if isinstance(method, (Probe, KVzip)) and not full_attention:
+            what = "probe" if isinstance(method, Probe) else "method=KVzip(...)"
+            raise ValueError(f"{what} needs a model whose layers are all full attention: the probe cannot be cut "
+                             "from (and the replay cannot be rolled back in) sliding-window layers")
+        if isinstance(method, KVzip):
+            if backend == "engine":
+                raise ValueError("backend='engine' cannot run method=KVzip(...): the replay runs on the "
+                                 "transformers path; use backend='transformers' or 'auto'")
+            self.backend = "transformers"
+        else:  # the SnapKV scorer (of a probe or alone) through the config both backends read
+            scorer = method.method if isinstance(method, Probe) else method
+            self.config = dataclasses.replace(self.config, kernel=scorer.kernel, pooling=scorer.pooling,
+                                              gqa_reduce=scorer.gqa_reduce, chunk_size=scorer.chunk_size)
+            self.session = SnapKVSession(model, self.config)
+        self.method: Method = method
+        self.probe = method.text if isinstance(method, Probe) else None
         self._snap: Snapshot | None = None
         self.prefill_s = 0.0
 
@@ -258,6 +297,8 @@ class ContextCache:
             ctx_ids, _ = split_prompt(self.tokenizer, self.context, "?", self.chat)
             self._ctx_ids = ctx_ids
             self.context_tokens = len(ctx_ids)
+            if self._replay():
+                return self
             probe_ids = self._probe_ids(len(ctx_ids))
             self.cache = self.session.new_cache()
             x = torch.tensor([ctx_ids + probe_ids], device=self.model.device)
@@ -285,6 +326,8 @@ class ContextCache:
         if self.backend == "engine":
             self._engine = None
             return
+        if self._snap is not None and self.method.name == "kvzip":  # the replay's cache is its own
+            self.cache.close()
         self.session.__exit__(*exc)
 
     # -- engine dispatch (snapkv.generation.answer) ------------------------------------------
@@ -292,12 +335,12 @@ class ContextCache:
         from snapkv.generation.answer import EngineContext
 
         ctx_ids, _ = split_prompt(self.tokenizer, self.context, "?", self.chat)
-        probe_ids: list[int] = []
+        probe_ids: list[int] = []  # self.config already holds the method's SnapKV scoring
         if self.probe is not None:
             probe_ids = list(self.tokenizer(self.probe, add_special_tokens=False)["input_ids"])
             if self.config.kept_tokens(len(ctx_ids), window=len(probe_ids)) >= len(ctx_ids):
                 probe_ids = []  # the context fits its budget: nothing to select, no probe needed
-        self._engine = EngineContext(self.model, self.tokenizer, self.config, ctx_ids, probe_ids, method=self.method)
+        self._engine = EngineContext(self.model, self.tokenizer, self.config, ctx_ids, probe_ids)
         self._engine_ctx_ids = ctx_ids
         self.context_tokens, self.prefill_s, self.stats = len(ctx_ids), self._engine.prefill_s, self._engine.stats
         self._snap = None
@@ -311,6 +354,25 @@ class ContextCache:
             raise ValueError(f"question {question[:40]!r} changes how the context's last tokens are tokenized; "
                              "the compressed context is not a prefix of this prompt's tokens")
         return self._engine.ask(q_ids, max_new_tokens, _eos_ids(self.model, self.tokenizer))
+
+    def _replay(self) -> bool:
+        """KVzip: prefill, replay and select the context (transformers path); False for other methods."""
+        from snapkv.methods.kvzip import DEFAULT_REPLAY_PROMPT, KVzip, kvzip_context_cache
+
+        if not isinstance(self.method, KVzip):
+            return False
+        # The replay instruction after the context, with the chat framing up to the answer.
+        _, prompt_ids = split_prompt(self.tokenizer, self.context, DEFAULT_REPLAY_PROMPT, self.chat)
+        ids = torch.tensor([self._ctx_ids], device=self.model.device)
+        _sync(self.model.device)
+        t0 = time.perf_counter()
+        self.cache, self.method = kvzip_context_cache(self.model, ids, prompt_ids, self.config, method=self.method)
+        _sync(self.model.device)
+        self.prefill_s = time.perf_counter() - t0
+        self.session.activate(self.cache)
+        self.stats = list(self.cache.stats)
+        self._snap = self.cache.snapshot()
+        return True
 
     def _probe_ids(self, context_tokens: int) -> list[int]:
         """The probe's token ids, with the session set to keep the budget of context tokens plus them."""

@@ -2,6 +2,7 @@
 
 from snapkv.methods.base import Method, ScoreInputs
 from snapkv.methods.baselines import H2O, RandomSelect, StreamingLLM
+from snapkv.methods.probe import DEFAULT_PROBE, Probe
 from snapkv.methods.snapkv import SnapKV
 from snapkv.methods.wrappers import AdaptiveHeads, PyramidBudgets
 
@@ -13,10 +14,12 @@ METHODS: dict[str, type[Method]] = {
 }
 
 __all__ = [
+    "DEFAULT_PROBE",
     "H2O",
     "METHODS",
     "AdaptiveHeads",
     "Method",
+    "Probe",
     "PyramidBudgets",
     "RandomSelect",
     "ScoreInputs",

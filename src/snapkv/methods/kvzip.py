@@ -20,6 +20,7 @@ then select per head like SnapKV's votes (:class:`KVzip` through
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -458,6 +459,7 @@ def kvzip_context_cache(
     overlap: int = 8,
     key_block: int = 4096,
     kernel: int = 1,
+    method: KVzip | None = None,
 ) -> tuple[SnapKVCache, KVzip]:
     """Compress a context (``[1, L]``) by its replay scores into a reusable :class:`~snapkv.SnapKVCache`.
 
@@ -466,13 +468,22 @@ def kvzip_context_cache(
     layer and KV head, the top replay scores plus, as every method here, the last
     ``config.window`` context tokens. Questions are then fed at positions ``L, L+1, ...``.
     The capture is closed before returning (only the kept tokens stay alive). This is the
-    adapter ``ContextCache(..., scorer="kvzip")`` and a server's document cache can call.
+    adapter ``ContextCache(..., method=KVzip(...))`` and the server's document cache call.
+
+    ``method``: a :class:`KVzip` whose settings (chunk, overlap, key_block, precision, kernel)
+    replace the keyword ones; it is not modified (a fitted copy is returned).
 
     Returns:
         ``(cache, method)``: the compressed cache and the fitted :class:`KVzip` (its scores).
     """
-    _check(context_ids, chunk, key_block)
-    method = KVzip(chunk=chunk, overlap=overlap, key_block=key_block, kernel=kernel)  # validates
+    if method is None:
+        method = KVzip(chunk=chunk, overlap=overlap, key_block=key_block, kernel=kernel)  # validates
+    elif not isinstance(method, KVzip):
+        raise ValueError(f"method must be a KVzip (or None), got {type(method).__name__}")
+    else:
+        method = dataclasses.replace(method, scores=None, fitted=-1)
+    chunk, overlap = method.chunk, method.overlap
+    _check(context_ids, chunk, method.key_block)
     config = config or SnapKVConfig()
     length = context_ids.shape[1]
     longest = max(len(x) for x in replay_inputs(range(length), prompt_ids, chunk, overlap))
