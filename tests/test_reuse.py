@@ -14,7 +14,7 @@ import torch
 from snapkv import SnapKVConfig, SnapKVSession
 from snapkv.api import ContextCache, split_prompt
 from snapkv.bench.api_bench import char_tokenizer, random_context
-from snapkv.methods import H2O, DEFAULT_PROBE, Probe, PyramidBudgets, SnapKV
+from snapkv.methods import DEFAULT_PROBE, H2O, Probe, PyramidBudgets, SnapKV
 from snapkv.methods.kvzip import DEFAULT_REPLAY_PROMPT, KVzip, kvzip_context_cache
 from tiny_models import tiny_model
 
@@ -132,3 +132,99 @@ def test_probe_method_bad_input():
         kvzip_context_cache(tiny_model("llama"), torch.tensor([[5, 6, 7]]), [5], method=SnapKV())
     p = Probe()
     assert p.scorer == SnapKV(kernel=31) and dataclasses.replace(p, text="x").text == "x"
+
+
+# -- the server's document cache ---------------------------------------------------------------------
+
+SERVE_CFG = SnapKVConfig(budget=40, window=8, kernel=5, pooling="avg")
+PROBE_IDS = [5, 6, 7, 8, 9, 10, 11, 12, 13]
+REPLAY_IDS = [14, 15, 16, 17]
+
+
+def _ids(n: int, seed: int) -> list[int]:
+    return torch.randint(3, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def test_doc_cache_kvzip_entry_is_what_the_method_keeps():
+    from snapkv.generation.adapter import DecoderParts
+    from snapkv.serve.extend import compress_context, extend
+
+    model = tiny_model("llama")
+    parts = DecoderParts.from_model(model)
+    context = _ids(120, 1)
+    method = KVzip(chunk=16, kernel=3)
+    entry = compress_context(parts, context, REPLAY_IDS, SERVE_CFG, chunk=32, method=method)
+    with torch.no_grad():
+        cache, _ = kvzip_context_cache(model, torch.tensor([context]), REPLAY_IDS, SERVE_CFG, method=method)
+    for li, layer in enumerate(cache.layers):
+        assert torch.equal(entry.keys[li], layer.keys[0]) and torch.equal(entry.values[li], layer.values[0])
+    cache.close()
+    assert entry.context_tokens == 120 and entry.kept_tokens == 40
+    row, logits = extend(parts, entry, _ids(5, 2))
+    assert row.prompt_lengths == [125] and torch.isfinite(logits).all()
+
+
+def test_doc_cache_probe_method_scores_with_its_own_kernel():
+    from snapkv.generation.adapter import DecoderParts
+    from snapkv.serve.extend import compress_context
+
+    parts = DecoderParts.from_model(tiny_model("llama"))
+    context = _ids(120, 4)
+    got = compress_context(parts, context, PROBE_IDS, SERVE_CFG, chunk=32, method=Probe(SnapKV(kernel=31)))
+    want = compress_context(parts, context, PROBE_IDS, dataclasses.replace(SERVE_CFG, kernel=31, pooling="max"),
+                            chunk=32)  # the config-driven probe path, given the same scoring
+    other = compress_context(parts, context, PROBE_IDS, SERVE_CFG, chunk=32)  # kernel 5, avg
+    assert all(torch.equal(a, b) for a, b in zip(got.keys, want.keys, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(got.keys, other.keys, strict=True))
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_engine_backend_serves_documents_with_kvzip():
+    from snapkv.generation.adapter import DecoderParts
+    from snapkv.serve.backend import PrefillJob
+    from snapkv.serve.batcher import EngineBackend
+    from snapkv.serve.doc_cache import DocCache
+    from snapkv.serve.extend import compress_context, extend
+
+    model = tiny_model("llama")
+    method = KVzip(chunk=16)
+    backend = EngineBackend(model, rows=1, slot_tokens=64, doc_cache=DocCache(1 << 24), probe=REPLAY_IDS,
+                            prefill_chunk=32, fused=False, doc_method=method)
+    ids = _ids(130, 6)
+    job = PrefillJob(ids, SERVE_CFG, context_tokens=120)
+    first, second = backend.prefill(job), backend.prefill(job)
+    assert (first.cached_tokens, second.cached_tokens) == (0, 120) and backend.doc_cache.hits == 1
+    assert first.kept_tokens == backend.row_slots(130, SERVE_CFG, 120) == 50
+    parts = DecoderParts.from_model(model)
+    entry = compress_context(parts, ids[:120], REPLAY_IDS, SERVE_CFG, method=method)
+    _, logits = extend(parts, entry, ids[120:])
+    torch.testing.assert_close(first.logits, logits)
+    torch.testing.assert_close(second.logits, logits)
+    assert isinstance(EngineBackend(model, rows=1, slot_tokens=64, doc_cache=DocCache(0), probe=PROBE_IDS,
+                                    fused=False).doc_method, Probe)  # the default document method
+
+
+def test_doc_method_bad_input():
+    from serve_fixture import serve_args
+    from snapkv.serve.batcher import EngineBackend
+    from snapkv.serve.cli import build_server
+    from snapkv.serve.doc_cache import DocCache
+    from snapkv.serve.extend import doc_method
+
+    assert doc_method() == Probe(SnapKV(kernel=31)) and repr(doc_method("kvzip", 1)) == repr(KVzip(kernel=1))
+    with pytest.raises(ValueError, match=r"doc_method \(--doc-method\) must be one of \('probe', 'kvzip'\)"):
+        doc_method("replay")
+    with pytest.raises(ValueError, match=r"doc_kernel \(--doc-kernel\) must be a positive odd integer"):
+        doc_method("probe", 4)
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="doc_method must be a Probe or a KVzip, got SnapKV"):
+        EngineBackend(model, rows=1, slot_tokens=64, doc_cache=DocCache(0), probe=[5], doc_method=SnapKV())
+    with pytest.raises(ValueError, match="kvzip document method selects with uniform layer budgets"):
+        EngineBackend(model, rows=1, slot_tokens=64, doc_cache=DocCache(0), probe=[5], profile="pyramid",
+                      doc_method=KVzip())
+    with pytest.raises(ValueError, match="--doc-kernel must be a positive odd integer"):
+        build_server(model, None, serve_args("--doc-kernel", "8"))
+    with pytest.raises(ValueError, match="--doc-method kvzip selects with uniform layer budgets"):
+        build_server(model, None, serve_args("--doc-method", "kvzip", "--layer-profile", "pyramid"))
+    with pytest.raises(SystemExit):  # argparse names the choices
+        serve_args("--doc-method", "replay")

@@ -55,7 +55,6 @@ if TYPE_CHECKING:  # static tools see the real names
     from snapkv.config import SnapKVConfig
     from snapkv.integration.hf import Lease, enable
     from snapkv.integration.session import SnapKVSession
-    from snapkv.methods.kvzip import KVzip
     from snapkv.methods import (
         H2O,
         AdaptiveHeads,
@@ -67,6 +66,7 @@ if TYPE_CHECKING:  # static tools see the real names
         SnapKV,
         StreamingLLM,
     )
+    from snapkv.methods.kvzip import KVzip
 
 
 def __getattr__(name: str) -> Any:

@@ -26,9 +26,18 @@ from snapkv.generation.decode import DecodeRunner
 from snapkv.generation.generate import Engine
 from snapkv.generation.memory import available_bytes, plan
 from snapkv.generation.prefill import kept_per_layer, prefill
+from snapkv.methods.probe import Probe
 from snapkv.serve.backend import Prefilled, PrefillJob
 from snapkv.serve.doc_cache import DocCache, doc_key
-from snapkv.serve.extend import compress_context, context_slots, extend, method_for, new_row_cache
+from snapkv.serve.extend import (
+    DocMethod,
+    check_doc_method,
+    compress_context,
+    context_slots,
+    extend,
+    method_for,
+    new_row_cache,
+)
 from snapkv.serve.sampling import SamplingParams, sample_token
 from snapkv.serve.slots import SlotKVCache, slot_ops
 
@@ -43,7 +52,10 @@ class EngineBackend:
         rows: concurrent requests (decode batch).
         slot_tokens: slots per row: a request's kept prompt tokens plus its ``max_tokens``.
         doc_cache: the document cache (``max_bytes=0`` disables it).
-        probe: token ids of the probe question used to compress documents context-only.
+        probe: token ids the document method reads after a context (``doc_token_ids``): the
+            probe question's, or the replay instruction's for KVzip.
+        doc_method: how documents are scored context-only (``Probe`` or ``KVzip``, see
+            :func:`~snapkv.serve.extend.doc_method`); default ``Probe()`` (SnapKV kernel 31).
         profile: ``"uniform"`` or ``"pyramid"`` layer budgets.
         prefill_chunk: prefill query rows per step.
         use_graph: capture the decode step as a CUDA graph (default: on CUDA).
@@ -68,7 +80,10 @@ class EngineBackend:
         use_graph: bool | None = None,
         whole_layer_bytes: int | None = None,
         fused: bool | None = None,
+        doc_method: DocMethod | None = None,
     ) -> None:
+        self.doc_method = Probe() if doc_method is None else doc_method
+        check_doc_method(self.doc_method, profile)
         self.parts = DecoderParts.from_model(model)  # ValueError for models the engine cannot run
         # The engine's construction-time self-check (its logits against the model's own forward): a model
         # with the Llama layout but another forward is refused here, not served wrong.
@@ -98,7 +113,8 @@ class EngineBackend:
         """Slots a request's kept prompt takes in its row."""
         layers = self.parts.num_layers
         if context_tokens:
-            return context_slots(config, context_tokens, len(self.probe), layers, self.profile) + (
+            return context_slots(config, context_tokens, len(self.probe), layers, self.profile,
+                                 self.doc_method) + (
                 prompt_tokens - context_tokens)
         return max(kept_per_layer(config, prompt_tokens, layers, self.profile))
 
@@ -150,13 +166,13 @@ class EngineBackend:
 
     def _prefill_with_document(self, job: PrefillJob) -> tuple[Any, torch.Tensor, int]:
         context = job.ids[: job.context_tokens]
-        key = doc_key(context, job.config, self.profile, repr(self.probe))
+        key = doc_key(context, job.config, self.profile, repr((self.doc_method, self.probe)))
         entry = self.doc_cache.get(key)
         cached = job.context_tokens if entry is not None else 0
         if entry is None:
             entry = compress_context(self.parts, context, self.probe, job.config, profile=self.profile,
                                      chunk=self.chunk, backend=self.attn_backend,
-                                     whole_layer_bytes=self.whole_layer_bytes)
+                                     whole_layer_bytes=self.whole_layer_bytes, method=self.doc_method)
             self.doc_cache.put(key, entry)
         cache, logits = extend(self.parts, entry, job.ids[job.context_tokens :], self.attn_backend)
         return cache, logits, cached

@@ -52,6 +52,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="bytes of compressed documents kept (LRU; 0 turns the document cache off)")
     b.add_argument("--doc-cache-min-tokens", type=int, default=256,
                    help="contexts at least this long use the document cache by default")
+    b.add_argument("--doc-method", choices=("probe", "kvzip"), default="probe",
+                   help="how documents are scored without their question: probe (a generic question votes, "
+                        "default) or kvzip (context replay, about 3x the prefill's cost)")
+    b.add_argument("--doc-kernel", type=int, default=31,
+                   help="pooling width of the document method's scores (odd; default 31, the reuse measurements' "
+                        "choice)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM before they are cancelled")
     p.add_argument("--log-level", default="info")
@@ -59,6 +65,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _config(a: argparse.Namespace) -> SnapKVConfig:
     return SnapKVConfig(budget=a.budget, window=a.window, kernel=a.kernel, pooling=a.pooling, gqa_reduce=a.gqa_reduce)
+
+
+def check_doc_args(a: argparse.Namespace) -> None:
+    """``ValueError`` for bad document-method flags (before torch or the model load)."""
+    if a.doc_method not in ("probe", "kvzip"):
+        raise ValueError(f"--doc-method must be probe or kvzip, got {a.doc_method!r}")
+    k = a.doc_kernel
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0:
+        raise ValueError(f"--doc-kernel must be a positive odd integer (1, 3, 5, ...), got {k!r}")
+    if a.doc_method == "kvzip" and a.layer_profile != "uniform":
+        raise ValueError("--doc-method kvzip selects with uniform layer budgets; use --layer-profile uniform")
 
 
 def pick_backend(model: Any, wanted: str) -> tuple[str, str | None]:
@@ -85,8 +102,9 @@ def build_server(model: Any, tokenizer: Any, a: argparse.Namespace) -> Any:
     """A :class:`~snapkv.serve.server.Server` for a loaded model and parsed flags."""
     from snapkv.serve.batcher import EngineBackend
     from snapkv.serve.doc_cache import DocCache
+    from snapkv.serve.extend import doc_method, doc_token_ids
     from snapkv.serve.hf_backend import TransformersBackend
-    from snapkv.serve.server import Limits, Server, probe_ids
+    from snapkv.serve.server import Limits, Server
 
     config = _config(a)
     for name in ("max_batch", "max_new_tokens", "max_queue", "prefill_chunk"):
@@ -94,6 +112,8 @@ def build_server(model: Any, tokenizer: Any, a: argparse.Namespace) -> Any:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
     if a.doc_cache_bytes < 0:
         raise ValueError(f"--doc-cache-bytes must be >= 0, got {a.doc_cache_bytes}")
+    check_doc_args(a)
+    doc_scorer = doc_method(a.doc_method, a.doc_kernel)
     slot_tokens = a.slot_tokens
     if slot_tokens is None:
         if not isinstance(config.budget, int):
@@ -107,14 +127,15 @@ def build_server(model: Any, tokenizer: Any, a: argparse.Namespace) -> Any:
     doc_cache = DocCache(a.doc_cache_bytes if kind == "engine" else 0)
     if kind == "engine":
         backend = EngineBackend(model, rows=a.max_batch, slot_tokens=slot_tokens, doc_cache=doc_cache,
-                                probe=probe_ids(tokenizer), profile=a.layer_profile, prefill_chunk=a.prefill_chunk)
+                                probe=doc_token_ids(doc_scorer, tokenizer), profile=a.layer_profile,
+                                prefill_chunk=a.prefill_chunk, doc_method=doc_scorer)
         max_prompt = backend.max_prompt_tokens(max_context)
     else:
         backend = TransformersBackend(model, rows=a.max_batch, slot_tokens=slot_tokens)
         max_prompt = max_context
-    log.info("backend %s%s: %d rows of %d slots, doc cache %d bytes, prompts up to %d tokens", kind,
-             f" (the engine cannot run this model: {reason})" if kind == "transformers" and reason else "",
-             a.max_batch, slot_tokens, doc_cache.max_bytes, max_prompt)
+    log.info("backend %s%s: %d rows of %d slots, doc cache %d bytes (%s, kernel %d), prompts up to %d tokens",
+             kind, f" (the engine cannot run this model: {reason})" if kind == "transformers" and reason else "",
+             a.max_batch, slot_tokens, doc_cache.max_bytes, a.doc_method, a.doc_kernel, max_prompt)
     if kind == "transformers":
         log.info("backend transformers decodes one request at a time (not batched); no document cache")
     limits = Limits(max_context, max_prompt, a.max_new_tokens, a.doc_cache_min_tokens)
@@ -131,6 +152,7 @@ def run(a: argparse.Namespace) -> int:
 
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _config(a)  # bad settings fail before the model loads
+    check_doc_args(a)
     import torch  # here, not at import: `snapkv serve --help` and argument errors answer at once
 
     dtype = getattr(torch, a.dtype) if a.dtype else (torch.float32 if a.device == "cpu" else torch.bfloat16)
