@@ -44,7 +44,9 @@ def test_answer_is_the_same_on_both_backends(tok, family, compress):
     assert [s.kept_tokens for s in e.layers] == [s.kept_tokens for s in t.layers]
 
 
-@pytest.mark.parametrize("family,probe", [("qwen2", None), ("qwen2", "\nList the keys."), ("gemma3", None)])
+# probe=False pins plain context-only (the default became Probe(SnapKV(kernel=31)), whose 117-character
+# probe does not fit CFG's budget of 40 with the character tokenizer; tests/test_reuse.py covers it).
+@pytest.mark.parametrize("family,probe", [("qwen2", False), ("qwen2", "\nList the keys."), ("gemma3", None)])
 def test_context_cache_is_the_same_on_both_backends(tok, family, probe):
     model = tiny_model(family)
     ctx = random_context(160, seed=3)
@@ -64,7 +66,7 @@ def test_context_cache_is_the_same_on_both_backends(tok, family, probe):
 def test_context_cache_grows_room_for_long_answers(tok):
     model = tiny_model("llama")
     ctx = random_context(120, seed=5)
-    with ContextCache(model, tok, ctx, CFG, chat=False, backend="engine") as doc:
+    with ContextCache(model, tok, ctx, CFG, chat=False, probe=False, backend="engine") as doc:  # plain (see above)
         short = doc.ask(QUESTION, max_new_tokens=3)
         doc._engine.cache.capacity = doc._engine.cache.prompt_slots + 4  # pretend the room is small
         long = doc.ask(QUESTION, max_new_tokens=8)

@@ -109,7 +109,9 @@ def measure_row(kind: str, model: torch.nn.Module, tok: Any, n: int, budget: int
             row.update(_answer_row(ans, ans.prefill_s))
         elif kind.startswith("context/"):
             context = random_context(n - len(QUESTION))
-            with ContextCache(model, tok, context, config, chat=False, backend=kind.split("/")[1]) as doc:
+            # probe=False: plain context-only, as measured before the probe became ContextCache's default
+            with ContextCache(model, tok, context, config, chat=False, probe=False,
+                              backend=kind.split("/")[1]) as doc:
                 ans = doc.ask(QUESTION, max_new_tokens=new_tokens)
                 row.update(_answer_row(ans, ans.prefill_s), context_prefill_s=doc.prefill_s,
                            question_s=ans.prefill_s - doc.prefill_s)
