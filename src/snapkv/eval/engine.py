@@ -70,7 +70,7 @@ class Prefill:
         t0 = time.perf_counter()
         self.cache = session.new_cache()
         out = model(input_ids=_ids(ids, device), position_ids=_positions(0, len(ids), device),
-                    **session.cache_kwargs(self.cache))
+                    logits_to_keep=1, **session.cache_kwargs(self.cache))  # only the last row is read
         self.seconds = time.perf_counter() - t0
         self.logits = out.logits[:, -1].float()
         self.snap = self.cache.snapshot()
@@ -193,7 +193,7 @@ def evaluate_sample(
                 derive_s = time.perf_counter() - t0
                 out = model(input_ids=_ids(question, full.logits.device),
                             position_ids=_positions(lc, len(question), full.logits.device),
-                            **session.cache_kwargs(cache))
+                            logits_to_keep=1, **session.cache_kwargs(cache))
                 logits, start = out.logits[:, -1].float(), length
             kept = _kept(session, pre.length if st.mode == "query" else ctx_len)
             if st.mode == "query":
