@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from snapkv.eval import engine, runner
+from snapkv.eval import runner
 from snapkv.eval.engine import Setting, evaluate_sample
 from snapkv.eval.tasks import make_sample
 
@@ -81,19 +81,18 @@ def test_smoke_run_and_resume(tmp_path: Path) -> None:
     assert (tmp_path / "acc_tiny_400.png").exists()
 
 
-def _predictions(model, codec, sample, settings) -> list[tuple[str, float]]:
-    return [(o.prediction, o.kept_tokens) for o, _ in evaluate_sample(model, codec, sample, settings, window=8,
-                                                                      max_new_tokens=4)]
+def _predictions(model, codec, sample, settings, separate_context=False) -> list[tuple[str, float]]:
+    return [(o.prediction, o.kept_tokens) for o, _ in evaluate_sample(
+        model, codec, sample, settings, window=8, max_new_tokens=4, separate_context=separate_context)]
 
 
 @pytest.mark.parametrize("make_model", [tiny_llama, tiny_gemma3])
-def test_context_prefix_view_matches_context_prefill(monkeypatch, make_model) -> None:
+def test_context_prefix_view_matches_context_prefill(make_model) -> None:
     model, codec = make_model(), byte_codec()
     sample = make_sample("passkey", codec, 300, 1)
     settings = [Setting(m, "context", b) for m in ("snapkv", "h2o") for b in (40, 0.5)]
     a = _predictions(model, codec, sample, settings)
-    monkeypatch.setattr(engine, "all_full_attention", lambda cache: False)  # force a separate context prefill
-    b = _predictions(model, codec, sample, settings)
+    b = _predictions(model, codec, sample, settings, separate_context=True)
     assert a == b
 
 

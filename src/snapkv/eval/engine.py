@@ -78,11 +78,6 @@ class Prefill:
         self.methods: dict[str, Method] = {}  # one instance per scorer (derive() memoizes by instance)
 
 
-def all_full_attention(cache: SnapKVCache) -> bool:
-    """Whether every layer is a compressible full-attention layer (prefix views are exact)."""
-    return all(isinstance(layer, CompressedLayer) for layer in cache.layers)
-
-
 def _derive(
     session: SnapKVSession, pre: Prefill, setting: Setting, window: int, extra: int = 0, prefix: int | None = None
 ) -> SnapKVCache:
@@ -144,19 +139,29 @@ def evaluate_sample(
     *,
     window: int = 32,
     max_new_tokens: int | None = None,
+    separate_context: bool = False,
 ) -> Iterator[tuple[Outcome, float]]:
-    """Yield ``(outcome, prefill seconds)`` for each setting, sharing prefills as described above."""
+    """Yield ``(outcome, prefill seconds)`` for each setting, sharing prefills as described above.
+
+    ``separate_context``: prefill the context alone even where the whole prompt's capture holds
+    it (the reference twin of the prefix view).
+    """
     max_new = min(sample.max_new_tokens, max_new_tokens or sample.max_new_tokens)
     length, lc = len(sample.input_ids), len(sample.context_ids)
     question = sample.question_ids
     with torch.no_grad(), SnapKVSession(model, SnapKVConfig(window=window), capture=True) as session:
-        full = Prefill(model, session, sample.input_ids)
+        full: Prefill | None = None  # the whole prompt, prefilled when a setting first needs it
         ctx: Prefill | None = None  # a separate context prefill (models with sliding layers)
         probe: Prefill | None = None
-        prefix_ok = all_full_attention(full.cache)  # context captures read off the whole prompt's
+        # context captures read off the whole prompt's when every layer is full attention
+        prefix_ok = len(session.full_layers) == len(session.layer_types) and not separate_context
         probe_ids = codec.encode(PROBE_TEXT)
+        device = next(model.parameters()).device
         for st in settings:
-            full.cache.restore(full.snap)  # drop tokens a previous setting appended
+            if full is not None:
+                full.cache.restore(full.snap)  # drop tokens a previous setting appended
+            elif st.mode == "query" or st.mode == "context" and prefix_ok:
+                full = Prefill(model, session, sample.input_ids)
             t0 = time.perf_counter()
             if st.mode == "query":
                 pre, shared = full, full.seconds
@@ -191,8 +196,8 @@ def evaluate_sample(
                     _cut_tail(cache, g, sliding)
                     session.activate(cache)
                 derive_s = time.perf_counter() - t0
-                out = model(input_ids=_ids(question, full.logits.device),
-                            position_ids=_positions(lc, len(question), full.logits.device),
+                out = model(input_ids=_ids(question, device),
+                            position_ids=_positions(lc, len(question), device),
                             logits_to_keep=1, **session.cache_kwargs(cache))
                 logits, start = out.logits[:, -1].float(), length
             kept = _kept(session, pre.length if st.mode == "query" else ctx_len)
