@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
-# Reuse at 4x (issue 13): 4K prompts, budget 1024 (= prompt/4), SmolLM2 and Gemma-3-270M, the
-# query-aware reference (query), context-only (context) and the generic probe (probe).
-# Resumable and sample-major: round k brings both models to k samples per task, so a cut-off run
-# stays balanced. Usage: ROUNDS=12 bash results/run_reuse_4k.sh   (METHODS overrides the method list)
+# Reuse at 4x (issue 13): 4K prompts, budget 1024 (= prompt/4), SmolLM2 and Gemma-3-270M.
+# The query-aware rows (full, snapkv, snapkv-k31 at 1024) and SmolLM2's context-only snapkv come
+# from the earlier runs on the same prompts (results/smollm2-4k, results/gemma3-4k: same prompt
+# hashes, identical predictions where both ran); results/reuse_4k_table.py pairs them. This script
+# adds the reuse modes: probe (SmolLM2, Gemma), context-only (Gemma) and KVzip replay (SmolLM2; Gemma's
+# sliding-window layers cannot be replayed). Round 1 also ran every mode on SmolLM2.
+# Resumable and sample-major: round k brings each run to k samples per task, so a cut-off run
+# stays balanced. Usage: ROUNDS=10 KVZIP_ROUNDS=4 bash results/run_reuse_4k.sh
 set -u
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1
-M="${METHODS:-full,snapkv,snapkv-k31}"
 T="passkey,niah_single_1,niah_single_2"
-for k in $(seq "${FROM:-1}" "${ROUNDS:-12}"); do
-  python -m snapkv.eval.runner --model smollm2 --tasks $T --samples "$k" --threads 1 --no-progress \
-    --lengths 4k --budgets 1024 --methods "$M" --modes query,context,probe --out results/smollm2-4k-reuse
-  python -m snapkv.eval.runner --model gemma3-270m --prompt-format plain --tasks $T --samples "$k" --threads 1 \
-    --no-progress --lengths 4k --budgets 1024 --methods "$M" --modes query,context,probe --out results/gemma3-4k-reuse
+E="python -m snapkv.eval.runner --tasks $T --threads 1 --no-progress --lengths 4k --budgets 1024"
+for k in $(seq "${FROM:-1}" "${ROUNDS:-10}"); do
+  $E --model smollm2 --samples "$k" --methods snapkv,snapkv-k31 --modes probe --out results/smollm2-4k-reuse
+  $E --model gemma3-270m --prompt-format plain --samples "$k" --methods snapkv,snapkv-k31 --modes context,probe \
+    --out results/gemma3-4k-reuse
+  if [ "$k" -le "${KVZIP_ROUNDS:-4}" ]; then
+    $E --model smollm2 --samples "$k" --methods kvzip,kvzip-k31 --modes context --out results/smollm2-4k-reuse
+  fi
 done
