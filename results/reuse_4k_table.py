@@ -1,9 +1,11 @@
-"""The "Reuse at 4x" tables of docs/RESULTS.md from results/{smollm2,gemma3}-4k-reuse (complete samples only).
+"""The "Reuse at 4x" tables of docs/RESULTS.md from results/{smollm2,gemma3}-4k-reuse.
 
-A sample counts once every (method, mode) of the run has its record, so every row is on the
-same prompts. Scores: percent mean with a 95% interval (``report.fmt``: Wilson for 0/1
-scores); "of full": the row's summed score over the full cache's on the same prompts, with a
-paired bootstrap 95% interval (``report.retention``).
+The reuse runs add the reuse modes; the query-aware rows (and SmolLM2's context-only SnapKV)
+of the same prompts come from the earlier runs (results/smollm2-4k, results/gemma3-4k), merged
+here for the prompts the reuse run reached, after checking that the prompt hashes agree.
+Each row says its prompt count. Scores: percent mean with a 95% interval (``report.fmt``:
+Wilson for 0/1 scores); "of full": the row's summed score over the full cache's on the same
+prompts, with a paired bootstrap 95% interval (``report.retention``).
 
     PYTHONPATH=src python results/reuse_4k_table.py
 """
@@ -11,14 +13,14 @@ paired bootstrap 95% interval (``report.retention``).
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from pathlib import Path
 
 from snapkv.eval.report import fmt, retention
 
 HERE = Path(__file__).parent
-RUNS = {"SmolLM2-135M-Instruct": HERE / "smollm2-4k-reuse",
-        "Gemma-3-270M (base, plain prompts)": HERE / "gemma3-4k-reuse"}
+RUNS = {"SmolLM2-135M-Instruct": (HERE / "smollm2-4k-reuse", HERE / "smollm2-4k"),
+        "Gemma-3-270M (base, plain prompts)": (HERE / "gemma3-4k-reuse", HERE / "gemma3-4k")}
+KEY = ("task", "index", "method", "mode", "budget")
 ROWS = [("full", "query", "reference: full cache"),
         ("snapkv", "query", "query-aware (question in the window)"),
         ("snapkv-k31", "query", "query-aware, kernel 31"),
@@ -30,30 +32,37 @@ ROWS = [("full", "query", "reference: full cache"),
         ("kvzip-k31", "context", "reuse: KVzip replay, kernel 31")]
 
 
-def complete(recs: list[dict]) -> list[dict]:
-    """Records of the samples that hold every (method, mode, budget) of the run."""
-    per = defaultdict(set)
-    for r in recs:
-        per[(r["task"], r["index"])].add((r["method"], r["mode"], r["budget"]))
-    need = set().union(*per.values())
-    done = {k for k, v in per.items() if v == need}
-    return [r for r in recs if (r["task"], r["index"]) in done]
-
-
-def table(name: str, folder: Path, budget: str = "1024") -> None:
+def _read(folder: Path) -> list[dict]:
     path = folder / "records.jsonl"
-    if not path.exists():
-        return
-    recs = complete([json.loads(line) for line in path.read_text().splitlines()])
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def merged(folder: Path, earlier: Path, budget: str) -> list[dict]:
+    """The reuse run's records plus the earlier run's at ``budget`` (and full) on the same prompts."""
+    recs = _read(folder)
+    prompts = {(r["task"], r["index"]): r["prompt_hash"] for r in recs}
+    have = {tuple(r[k] for k in KEY) for r in recs}
+    for r in _read(earlier):
+        where = (r["task"], r["index"])
+        if where not in prompts or r["budget"] not in (budget, "full") or tuple(r[k] for k in KEY) in have:
+            continue
+        if r["prompt_hash"] != prompts[where]:
+            raise ValueError(f"{earlier}: prompt {where} differs from the reuse run's")
+        recs.append(r)
+    return recs
+
+
+def table(name: str, folder: Path, earlier: Path, budget: str = "1024") -> None:
+    recs = merged(folder, earlier, budget)
     if not recs:
-        print(f"{name}: no complete sample yet\n")
+        print(f"{name}: no records yet\n")
         return
     tasks = sorted({r["task"] for r in recs})
     counts = {t: len({r["index"] for r in recs if r["task"] == t}) for t in tasks}
     length = recs[0]["length"]
     ctx = sorted({r["context_tokens"] for r in recs})
     print(f"### {name}, {length} tokens ({ctx[0]}-{ctx[-1]} context tokens), budget {budget} "
-          f"(4x): {sum(counts.values())} prompts ({', '.join(f'{t} {n}' for t, n in counts.items())})\n")
+          f"(4x): up to {sum(counts.values())} prompts ({', '.join(f'{t} {n}' for t, n in counts.items())})\n")
     print("| method | mode | | average | " + " | ".join(tasks) + " | of full (paired) |")
     print("|---|---|---|---|" + "---|" * len(tasks) + "---|")
     for m, mode, label in ROWS:
@@ -70,8 +79,8 @@ def table(name: str, folder: Path, budget: str = "1024") -> None:
 
 
 def main() -> None:
-    for name, folder in RUNS.items():
-        table(name, folder)
+    for name, (folder, earlier) in RUNS.items():
+        table(name, folder, earlier)
 
 
 if __name__ == "__main__":
