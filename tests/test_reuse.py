@@ -97,10 +97,36 @@ def test_context_cache_probe_true_and_plain_snapkv_keep_the_config_scoring(tok):
         assert doc.ask(QUESTION, max_new_tokens=4).tokens == plain.tokens
 
 
-def test_context_cache_default_on_sliding_layers_is_plain_snapkv(tok):
-    with ContextCache(tiny_model("gemma3"), tok, random_context(200), CFG, chat=False) as doc:
-        assert doc.method == SnapKV(kernel=5, pooling="avg") and doc.probe is None
-        assert doc.ask(QUESTION, max_new_tokens=2).kept_tokens == 128
+def test_context_cache_probe_on_sliding_layers_takes_them_from_the_context_alone(tok):
+    """Gemma 3 (sliding-window layers): full layers from context + probe, sliding layers from the context alone."""
+    model = tiny_model("gemma3")
+    ctx = random_context(300, seed=4)
+    with ContextCache(model, tok, ctx, CFG, chat=False) as doc:  # the default probe, on the transformers path
+        assert doc.backend == "transformers" and isinstance(doc.method, Probe)
+        first = doc.ask(QUESTION, max_new_tokens=4)
+        again = doc.ask(QUESTION, max_new_tokens=4)
+        layers = list(doc.cache.layers)
+    assert first.tokens == again.tokens and first.kept_tokens == 128
+    ctx_ids, _ = split_prompt(tok, ctx, "?", chat=False)
+    probe_ids = list(tok(DEFAULT_PROBE, add_special_tokens=False)["input_ids"])
+    g = len(probe_ids)
+    with SnapKVSession(model, SnapKVConfig(budget=128 + g, window=g), method=SnapKV(kernel=31)) as s, \
+            torch.no_grad():
+        s.window = g
+        probed, alone = s.new_cache(), s.new_cache()
+        model(input_ids=torch.tensor([ctx_ids + probe_ids]), **s.cache_kwargs(probed))
+        model(input_ids=torch.tensor([ctx_ids]), **s.cache_kwargs(alone))
+        full = s.full_layers
+        sliding = [i for i in range(len(layers)) if i not in full]
+        assert full and sliding
+        for i in full:
+            assert layers[i].positions[0].tolist() == [h[:-g] for h in probed.layers[i].positions[0].tolist()]
+        for i in sliding:
+            assert torch.equal(layers[i].keys, alone.layers[i].keys)
+    with pytest.raises(ValueError, match="backend='engine' cannot run a probe on a model with sliding-window"):
+        ContextCache(model, tok, ctx, CFG, chat=False, backend="engine")
+    with ContextCache(model, tok, ctx, CFG, chat=False, probe=False, backend="engine") as doc:
+        assert doc.method == SnapKV(kernel=5, pooling="avg") and doc.probe is None  # plain: the engine runs it
 
 
 def test_context_cache_method_bad_input(tok):
@@ -117,8 +143,6 @@ def test_context_cache_method_bad_input(tok):
         ContextCache(llama, tok, "text", method=KVzip(), backend="engine")
     with pytest.raises(ValueError, match="KVzip.*all full attention"):
         ContextCache(tiny_model("gemma3"), tok, "text", method=KVzip())
-    with pytest.raises(ValueError, match="probe needs a model whose layers are all full attention"):
-        ContextCache(tiny_model("gemma3"), tok, "text", method=Probe())
 
 
 def test_probe_method_bad_input():

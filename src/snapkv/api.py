@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ import torch
 
 from snapkv.cache.compress import LayerStats
 from snapkv.cache.compressed import SnapKVCache, Snapshot
+from snapkv.cache.layer import CompressedLayer
 from snapkv.config import SnapKVConfig
 from snapkv.integration.session import SnapKVSession
 from snapkv.methods.base import Method
@@ -218,15 +220,17 @@ class ContextCache:
         model, tokenizer: a transformers decoder and its tokenizer.
         context: the document.
         config: budget (context tokens kept per layer and KV head) and window; the scoring
-            settings (kernel, pooling, GQA reduction) of ``probe=`` and of a model with
-            sliding-window layers (see ``method``).
+            settings (kernel, pooling, GQA reduction) of ``probe=`` and ``probe=False``.
         chat: wrap in the tokenizer's chat template (default: when it has one).
         probe: ``True`` (:data:`DEFAULT_PROBE`) or a text appended to the context while it is
             compressed: its tokens are the observation window (they vote instead of the
             context's last tokens), then they are cut, so the cache holds exactly the budget
             of context tokens; scored with ``config``'s kernel. ``False``: no probe, the
             context's last ``config.window`` tokens vote (SnapKV's plain context-only mode).
-            Needs a model whose layers are all full attention. Give ``probe`` or ``method``,
+            On a model with sliding-window layers the probe runs on the transformers path
+            (``backend="auto"`` takes it there, ``"engine"`` raises) with two prefills: the
+            context alone gives the sliding layers (a probe cannot be cut from them), the
+            context plus the probe the full-attention layers. Give ``probe`` or ``method``,
             not both.
         method: the query-agnostic scorer: :class:`~snapkv.methods.Probe` (a probe question
             votes through its SnapKV scorer, then is cut), :class:`~snapkv.methods.kvzip.KVzip`
@@ -234,9 +238,9 @@ class ContextCache:
             takes it there and ``"engine"`` raises), or :class:`~snapkv.methods.SnapKV`
             (no probe). Default (both ``probe`` and ``method`` None): ``Probe()``, i.e. the
             default probe scored by ``SnapKV(kernel=31)`` (the reuse measurements' choice,
-            docs/RESULTS.md "Reuse at 4x"), on models whose layers are all full attention;
-            on a model with sliding-window layers, where neither a probe nor a replay can be
-            rolled back, ``SnapKV`` with ``config``'s scoring. :attr:`method` holds the choice.
+            docs/RESULTS.md "Reuse at 4x"). KVzip needs a model whose layers are all full
+            attention (the replay is rolled back in every layer). :attr:`method` holds the
+            method used.
         backend: ``"auto"``, ``"engine"`` or ``"transformers"``, as for :func:`answer`. On the
             engine the context is prefilled once into a static cache; each question is fed
             over it and rolled back after the answer.
@@ -269,17 +273,18 @@ class ContextCache:
         elif probe is False:
             method = own
         elif method is None:
-            method = Probe() if full_attention else own
-        if isinstance(method, (Probe, KVzip)) and not full_attention:
-            what = "probe" if isinstance(method, Probe) else "method=KVzip(...)"
-            raise ValueError(f"{what} needs a model whose layers are all full attention: the probe cannot be cut "
-                             "from (and the replay cannot be rolled back in) sliding-window layers")
-        if isinstance(method, KVzip):
+            method = Probe()
+        if isinstance(method, KVzip) and not full_attention:
+            raise ValueError("method=KVzip(...) needs a model whose layers are all full attention: the replay "
+                             "cannot be rolled back in sliding-window layers")
+        self._two_prefills = isinstance(method, Probe) and not full_attention
+        if isinstance(method, KVzip) or self._two_prefills:
+            what = "method=KVzip(...)" if isinstance(method, KVzip) else "a probe on a model with sliding-window layers"
             if backend == "engine":
-                raise ValueError("backend='engine' cannot run method=KVzip(...): the replay runs on the "
-                                 "transformers path; use backend='transformers' or 'auto'")
+                raise ValueError(f"backend='engine' cannot run {what}: it runs on the transformers path; "
+                                 "use backend='transformers' or 'auto'")
             self.backend = "transformers"
-        else:  # the SnapKV scorer (of a probe or alone) through the config both backends read
+        if not isinstance(method, KVzip):  # the SnapKV scorer (of a probe or alone) through the config both read
             scorer = method.method if isinstance(method, Probe) else method
             self.config = dataclasses.replace(self.config, kernel=scorer.kernel, pooling=scorer.pooling,
                                               gqa_reduce=scorer.gqa_reduce, chunk_size=scorer.chunk_size)
@@ -300,19 +305,28 @@ class ContextCache:
             if self._replay():
                 return self
             probe_ids = self._probe_ids(len(ctx_ids))
-            self.cache = self.session.new_cache()
-            x = torch.tensor([ctx_ids + probe_ids], device=self.model.device)
             _sync(self.model.device)
             t0 = time.perf_counter()
+            alone = None
+            if probe_ids and self._two_prefills:  # the sliding layers as the context alone leaves them
+                alone = self.session.new_cache()
+                with torch.no_grad():
+                    self.model(input_ids=torch.tensor([ctx_ids], device=self.model.device), logits_to_keep=1,
+                               **self.session.cache_kwargs(alone))
+            self.cache = self.session.new_cache()
+            x = torch.tensor([ctx_ids + probe_ids], device=self.model.device)
             with torch.no_grad():
-                self.model(input_ids=x, **self.session.cache_kwargs(self.cache))
+                self.model(input_ids=x, logits_to_keep=1, **self.session.cache_kwargs(self.cache))
             _sync(self.model.device)
             self.prefill_s = time.perf_counter() - t0
             self.stats = list(self.session.stats)
             if probe_ids:  # the probe voted; now it leaves the cache
                 g = len(probe_ids)
-                for layer in self.cache.layers:
-                    layer.drop_tail(g)
+                for i, layer in enumerate(self.cache.layers):
+                    if isinstance(layer, CompressedLayer):
+                        layer.drop_tail(g)
+                    else:  # a sliding-window layer: the context-alone prefill's
+                        self.cache.layers[i] = copy.copy(alone.layers[i])
                 self.stats = [dataclasses.replace(
                     st, prompt_tokens=[n - g for n in st.prompt_tokens], kept_tokens=[k - g for k in st.kept_tokens],
                     bytes_after=self.cache.layers[st.layer].kv_bytes()) for st in self.stats]
