@@ -8,6 +8,7 @@ the text between ``<!-- generated:NAME -->`` and ``<!-- /generated:NAME -->`` in
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
 
@@ -20,6 +21,14 @@ RULER = ["smollm2-2k-ruler"]
 
 def _dirs(names: list[str]) -> list[Path]:
     return [ROOT / "results" / n for n in names if (ROOT / "results" / n / "records.jsonl").exists()]
+
+
+def _reuse4k() -> str:
+    """The "Reuse at 4x" tables (results/reuse_4k_table.py)."""
+    spec = importlib.util.spec_from_file_location("reuse_4k_table", ROOT / "results" / "reuse_4k_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.render()
 
 
 def main() -> None:
@@ -36,6 +45,7 @@ def main() -> None:
         "ruler": "\n".join(summary_tables(ruler) + detail_tables(ruler)),
         "timings": "\n".join(timing_lines(records + ruler)),
         "counts": f"{len(records) + len(ruler):,} records",
+        "reuse4k": _reuse4k(),
     }
     doc = ROOT / "docs" / "RESULTS.md"
     text = doc.read_text(encoding="utf-8")

@@ -52,19 +52,20 @@ def merged(folder: Path, earlier: Path, budget: str) -> list[dict]:
     return recs
 
 
-def table(name: str, folder: Path, earlier: Path, budget: str = "1024") -> None:
+def table(name: str, folder: Path, earlier: Path, budget: str = "1024") -> list[str]:
+    """Markdown lines of one model's table."""
     recs = merged(folder, earlier, budget)
     if not recs:
-        print(f"{name}: no records yet\n")
-        return
+        return [f"{name}: no records yet", ""]
+    out: list[str] = []
     tasks = sorted({r["task"] for r in recs})
     counts = {t: len({r["index"] for r in recs if r["task"] == t}) for t in tasks}
     length = recs[0]["length"]
     ctx = sorted({r["context_tokens"] for r in recs})
-    print(f"### {name}, {length} tokens ({ctx[0]}-{ctx[-1]} context tokens), budget {budget} "
+    out.append(f"#### {name}, {length} tokens ({ctx[0]}-{ctx[-1]} context tokens), budget {budget} "
           f"(4x): up to {sum(counts.values())} prompts ({', '.join(f'{t} {n}' for t, n in counts.items())})\n")
-    print("| method | mode | | average | " + " | ".join(tasks) + " | of full (paired) |")
-    print("|---|---|---|---|" + "---|" * len(tasks) + "---|")
+    out.append("| method | mode | | average | " + " | ".join(tasks) + " | of full (paired) |")
+    out.append("|---|---|---|---|" + "---|" * len(tasks) + "---|")
     for m, mode, label in ROWS:
         b = "full" if m == "full" else budget
         rows = [r for r in recs if r["method"] == m and r["mode"] == mode and r["budget"] == b]
@@ -74,13 +75,17 @@ def table(name: str, folder: Path, earlier: Path, budget: str = "1024") -> None:
         cells += [fmt([r["score"] for r in rows if r["task"] == t]) for t in tasks]
         ret = retention(recs, budget, mode, m) if m != "full" else None
         of = f"{100 * ret[0]:.0f}% ({100 * ret[1]:.0f}-{100 * ret[2]:.0f})" if ret else "-"
-        print(f"| {m} | {mode} | {label} | " + " | ".join(cells) + f" | {of} |")
-    print()
+        out.append(f"| {m} | {mode} | {label} | " + " | ".join(cells) + f" | {of} |")
+    return [*out, ""]
+
+
+def render() -> str:
+    """Both models' tables (the ``generated:reuse4k`` block of docs/RESULTS.md)."""
+    return "\n".join(line for name, (folder, earlier) in RUNS.items() for line in table(name, folder, earlier))
 
 
 def main() -> None:
-    for name, (folder, earlier) in RUNS.items():
-        table(name, folder, earlier)
+    print(render())
 
 
 if __name__ == "__main__":
