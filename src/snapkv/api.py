@@ -26,15 +26,14 @@ import torch
 
 from snapkv.cache.compress import LayerStats
 from snapkv.cache.compressed import SnapKVCache, Snapshot
-from snapkv.cache.layer import CompressedLayer
 from snapkv.config import SnapKVConfig
 from snapkv.integration.session import SnapKVSession
 from snapkv.methods.base import Method
 from snapkv.methods.probe import DEFAULT_PROBE, Probe
 from snapkv.methods.snapkv import SnapKV
 
-#: What ``ContextCache(method=...)`` accepts (a :class:`~snapkv.methods.kvzip.KVzip` too).
-CONTEXT_METHODS = "Probe(...), KVzip(...) or SnapKV(...)"
+#: The query-agnostic methods ``ContextCache(method=...)`` accepts (any selection method too).
+CONTEXT_METHODS = "Probe(...), KVzip(...), SnapKV(...)"
 
 MODES: tuple[str, ...] = ("query_aware", "context_only")
 
@@ -172,6 +171,7 @@ def answer(
     chat: bool | None = None,
     compress: bool = True,
     backend: str = "auto",
+    method: Method | None = None,
 ) -> Answer:
     """Answer ``question`` about ``context`` with a query-aware compressed cache (greedy).
 
@@ -180,6 +180,9 @@ def answer(
     decode; ``ValueError`` on a model it cannot run), ``"transformers"`` (:class:`SnapKVSession`
     and the model's own forward) or ``"auto"`` (the engine where it runs the model, else
     transformers). ``Answer.backend`` says which one ran.
+    ``method``: how positions are chosen (default :class:`~snapkv.methods.SnapKV` from
+    ``config``), wrappers included, e.g. ``AdaptiveHeads(SnapKV())`` (head-adaptive budgets),
+    on either backend.
     """
     from snapkv.generation.answer import resolve_backend  # engine dispatch (see snapkv.generation.answer)
 
@@ -199,8 +202,8 @@ def answer(
         from snapkv.generation.answer import engine_answer
 
         engine_config = dataclasses.replace(config, window=window)
-        return engine_answer(model, tokenizer, ctx_ids + q_ids, engine_config, max_new_tokens, eos)
-    with SnapKVSession(model, config) as session:
+        return engine_answer(model, tokenizer, ctx_ids + q_ids, engine_config, max_new_tokens, eos, method)
+    with SnapKVSession(model, config, method=method) as session:
         session.window = window
         cache = session.new_cache()
         tokens, pre, dec = _greedy(model, session, cache, ctx_ids + q_ids, 0, max_new_tokens, eos)
@@ -230,13 +233,14 @@ class ContextCache:
             On a model with sliding-window layers the probe runs on the transformers path
             (``backend="auto"`` takes it there, ``"engine"`` raises) with two prefills: the
             context alone gives the sliding layers (a probe cannot be cut from them), the
-            context plus the probe the full-attention layers. Give ``probe`` or ``method``,
-            not both.
+            context plus the probe the full-attention layers. With ``probe``, ``method`` (if
+            given) is the selection method the probe votes through.
         method: the query-agnostic scorer: :class:`~snapkv.methods.Probe` (a probe question
             votes through its SnapKV scorer, then is cut), :class:`~snapkv.methods.kvzip.KVzip`
             (context replay scores; runs on the transformers path, so ``backend="auto"``
-            takes it there and ``"engine"`` raises), or :class:`~snapkv.methods.SnapKV`
-            (no probe). Default (both ``probe`` and ``method`` None): ``Probe()``, i.e. the
+            takes it there and ``"engine"`` raises), or a selection method without a probe
+            (``SnapKV(...)``, wrappers such as ``AdaptiveHeads(SnapKV())``; with ``probe=``
+            the probe votes through it). Default (both ``probe`` and ``method`` None): ``Probe()``, i.e. the
             default probe scored by ``SnapKV(kernel=31)`` (the reuse measurements' choice,
             docs/RESULTS.md "Reuse at 4x"). KVzip needs a model whose layers are all full
             attention (the replay is rolled back in every layer). :attr:`method` holds the
@@ -254,26 +258,28 @@ class ContextCache:
 
         if probe is not None and not isinstance(probe, (bool, str)) or probe == "":
             raise ValueError(f"probe must be True, False, None or a non-empty text, got {probe!r}")
-        if method is not None and not isinstance(method, (Probe, KVzip, SnapKV)):
-            raise ValueError(f"method must be {CONTEXT_METHODS} (a query-agnostic scorer), "
-                             f"got {type(method).__name__}")
-        if method is not None and probe is not None:
-            raise ValueError("give probe or method, not both (probe=True is method=Probe(SnapKV(kernel=...)) "
-                             "with config's scoring)")
+        if method is not None and not isinstance(method, Method):
+            raise ValueError(f"method must be a snapkv Method ({CONTEXT_METHODS}, or a wrapper such as "
+                             f"AdaptiveHeads(SnapKV())), got {type(method).__name__}")
+        if isinstance(method, (Probe, KVzip)) and probe is not None:
+            raise ValueError("give probe or method=Probe(...)/KVzip(...), not both (probe=True with "
+                             "method=M is Probe(M))")
         self.backend = resolve_backend(model, backend)
         self._engine: Any = None
         self.model, self.tokenizer, self.context, self.chat = model, tokenizer, context, chat
         self.config = config or SnapKVConfig()
-        self.session = SnapKVSession(model, self.config)
-        full_attention = len(self.session.full_layers) == len(self.session.layer_types)
         own = SnapKV(kernel=self.config.kernel, pooling=self.config.pooling, gqa_reduce=self.config.gqa_reduce,
                      chunk_size=self.config.chunk_size)
-        if isinstance(probe, str) or probe is True:
-            method = Probe(own, DEFAULT_PROBE if probe is True else probe)
+        if isinstance(probe, str) or probe is True:  # the probe votes through method (default: config's SnapKV)
+            method = Probe(method or own, DEFAULT_PROBE if probe is True else probe)
         elif probe is False:
-            method = own
+            method = method or own
         elif method is None:
             method = Probe()
+        # What scores the context on the session or the engine (None: KVzip's replay does).
+        self._scorer = None if isinstance(method, KVzip) else method.method if isinstance(method, Probe) else method
+        self.session = SnapKVSession(model, self.config, method=self._scorer)
+        full_attention = len(self.session.full_layers) == len(self.session.layer_types)
         if isinstance(method, KVzip) and not full_attention:
             raise ValueError("method=KVzip(...) needs a model whose layers are all full attention: the replay "
                              "cannot be rolled back in sliding-window layers")
@@ -284,11 +290,6 @@ class ContextCache:
                 raise ValueError(f"backend='engine' cannot run {what}: it runs on the transformers path; "
                                  "use backend='transformers' or 'auto'")
             self.backend = "transformers"
-        if not isinstance(method, KVzip):  # the SnapKV scorer (of a probe or alone) through the config both read
-            scorer = method.method if isinstance(method, Probe) else method
-            self.config = dataclasses.replace(self.config, kernel=scorer.kernel, pooling=scorer.pooling,
-                                              gqa_reduce=scorer.gqa_reduce, chunk_size=scorer.chunk_size)
-            self.session = SnapKVSession(model, self.config)
         self.method: Method = method
         self.probe = method.text if isinstance(method, Probe) else None
         self._snap: Snapshot | None = None
@@ -323,7 +324,7 @@ class ContextCache:
             if probe_ids:  # the probe voted; now it leaves the cache
                 g = len(probe_ids)
                 for i, layer in enumerate(self.cache.layers):
-                    if isinstance(layer, CompressedLayer):
+                    if i in self.session.full_layers:
                         layer.drop_tail(g)
                     else:  # a sliding-window layer: the context-alone prefill's
                         self.cache.layers[i] = copy.copy(alone.layers[i])
@@ -349,12 +350,13 @@ class ContextCache:
         from snapkv.generation.answer import EngineContext
 
         ctx_ids, _ = split_prompt(self.tokenizer, self.context, "?", self.chat)
-        probe_ids: list[int] = []  # self.config already holds the method's SnapKV scoring
+        probe_ids: list[int] = []
         if self.probe is not None:
             probe_ids = list(self.tokenizer(self.probe, add_special_tokens=False)["input_ids"])
             if self.config.kept_tokens(len(ctx_ids), window=len(probe_ids)) >= len(ctx_ids):
                 probe_ids = []  # the context fits its budget: nothing to select, no probe needed
-        self._engine = EngineContext(self.model, self.tokenizer, self.config, ctx_ids, probe_ids)
+        self._engine = EngineContext(self.model, self.tokenizer, self.config, ctx_ids, probe_ids,
+                                     method=self._scorer)
         self._engine_ctx_ids = ctx_ids
         self.context_tokens, self.prefill_s, self.stats = len(ctx_ids), self._engine.prefill_s, self._engine.stats
         self._snap = None

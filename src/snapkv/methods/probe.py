@@ -14,6 +14,7 @@ and their sentence.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -39,19 +40,20 @@ class Probe(Method):
     appends to the context while compressing and then drops.
 
     Args:
-        method: the inner scorer, a :class:`~snapkv.methods.SnapKV` (default kernel 31, max pooling).
+        method: the inner method: a :class:`~snapkv.methods.SnapKV` (default kernel 31, max
+            pooling) or a wrapper of one (e.g. ``AdaptiveHeads(SnapKV(kernel=31))``).
         text: the probe question (default :data:`DEFAULT_PROBE`), non-empty.
     """
 
-    method: SnapKV = field(default_factory=lambda: SnapKV(kernel=REUSE_KERNEL))
+    method: Method = field(default_factory=lambda: SnapKV(kernel=REUSE_KERNEL))
     text: str = DEFAULT_PROBE
     name: str = "probe"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.method, SnapKV):
-            raise ValueError(f"method must be a SnapKV scorer (the probe votes as its observation window), "
-                             f"got {type(self.method).__name__}")
-        k = self.method.kernel
+        if not isinstance(self.method, Method) or not isinstance(self.method.scorer, SnapKV):
+            raise ValueError(f"method must be a SnapKV scorer or a wrapper of one, e.g. AdaptiveHeads(SnapKV()) "
+                             f"(the probe votes as its observation window), got {type(self.method).__name__}")
+        k = self.method.scorer.kernel
         if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0:
             raise ValueError(f"method.kernel must be a positive odd integer (1, 3, 5, 7, ...), got {k!r}")
         if not isinstance(self.text, str) or not self.text.strip():
@@ -59,8 +61,21 @@ class Probe(Method):
 
     @property
     def scorer(self) -> Method:
-        """The inner SnapKV scorer."""
+        """The inner method's scorer (a SnapKV)."""
         return self.method.scorer
+
+    @property
+    def slack(self) -> int | None:  # type: ignore[override]
+        """The inner method's (a ragged inner method keeps its slack)."""
+        return self.method.slack
+
+    def layer_budget(self, kept: int, window: int, rank: int, n_layers: int) -> int:
+        """The inner method's layer budget."""
+        return self.method.layer_budget(kept, window, rank, n_layers)
+
+    def select(self, inputs: ScoreInputs, n_keep: torch.Tensor, scores: torch.Tensor | None = None) -> Any:
+        """The inner method's selection (e.g. AdaKV's per-head budgets)."""
+        return self.method.select(inputs, n_keep, scores)
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
         """The inner scorer's votes; the window (the probe's tokens) is kept by the base class."""

@@ -69,6 +69,9 @@ def check_doc_method(method: object, profile: str) -> None:
     """``ValueError`` unless ``method`` is a document method the layer ``profile`` allows."""
     if not isinstance(method, (Probe, KVzip)):
         raise ValueError(f"doc_method must be a Probe or a KVzip, got {type(method).__name__}")
+    if isinstance(method, Probe) and type(method.method) is not SnapKV:
+        raise ValueError(f"doc_method: the document cache stores dense K/V, so a Probe's method must be a plain "
+                         f"SnapKV, got {type(method.method).__name__}")
     if isinstance(method, KVzip) and profile != "uniform":
         raise ValueError(f"the kvzip document method selects with uniform layer budgets; got layer profile "
                          f"{profile!r} (use --layer-profile uniform or --doc-method probe)")
