@@ -7,7 +7,7 @@
 # sliding-window layers cannot be replayed). SmolLM2 goes on alone with the probe up to
 # SMOLLM2_ROUNDS (its earlier query run has 14-15 prompts per task, Gemma's 10).
 # Resumable and sample-major (defaults: what produced the records): round k brings each run to k samples per task, so a cut-off run
-# stays balanced. The records in results/: ROUNDS=10 KVZIP_ROUNDS=2 SMOLLM2_ROUNDS=14, plus a first
+# stays balanced. The records in results/: ROUNDS=10 KVZIP_ROUNDS=3 SMOLLM2_ROUNDS=14, plus a first
 # round that ran `--methods full,snapkv,snapkv-k31 --modes query,context,probe --samples 1` on SmolLM2
 # (its 3 snapkv-k31 context-only records).
 set -u
@@ -19,7 +19,7 @@ for k in $(seq "${FROM:-1}" "${ROUNDS:-10}"); do
   $E --model smollm2 --samples "$k" --methods snapkv,snapkv-k31 --modes probe --out results/smollm2-4k-reuse
   $E --model gemma3-270m --prompt-format plain --samples "$k" --methods snapkv,snapkv-k31 --modes context,probe \
     --out results/gemma3-4k-reuse
-  if [ "$k" -le "${KVZIP_ROUNDS:-2}" ]; then
+  if [ "$k" -le "${KVZIP_ROUNDS:-3}" ]; then
     $E --model smollm2 --samples "$k" --methods kvzip,kvzip-k31 --modes context --out results/smollm2-4k-reuse
   fi
 done
