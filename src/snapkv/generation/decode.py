@@ -153,7 +153,6 @@ class DecodeRunner:
                 self.cache.rewind(state)
                 self.tokens.copy_(saved)
         torch.cuda.current_stream().wait_stream(stream)
-        torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool, stream=stream):
             self._step()
