@@ -15,7 +15,9 @@ from snapkv import SnapKVConfig, SnapKVSession
 from snapkv.api import ContextCache, split_prompt
 from snapkv.bench.api_bench import char_tokenizer, random_context
 from snapkv.methods import DEFAULT_PROBE, H2O, AdaptiveHeads, Probe, PyramidBudgets, SnapKV
+from snapkv.methods.base import ScoreInputs
 from snapkv.methods.kvzip import DEFAULT_REPLAY_PROMPT, KVzip, kvzip_context_cache
+from snapkv.methods.probe import probe_config, probe_selector
 from tiny_models import tiny_model
 
 #: The budget lies above the default probe's 117 characters (its window) with the character tokenizer.
@@ -30,6 +32,26 @@ def tok():
 
 def _positions(cache) -> list[list[list[int]]]:
     return [layer.positions[0].tolist() for layer in cache.layers]
+
+
+def _probe_reference(model, ids: list[int], g: int, budget: int, tail: int, kernel: int) -> dict[int, list[list[int]]]:
+    """Positions a probe keeps per full layer and head, from first principles.
+
+    The prompt ``ids`` ends with a ``g``-token probe: SnapKV(kernel) votes with the probe as its
+    window, the context's last ``tail`` tokens are kept whatever their votes, the top of the rest
+    fill ``budget`` context slots (earlier positions first among equal votes); the probe is cut.
+    """
+    n = len(ids) - g
+    with SnapKVSession(model, SnapKVConfig(budget=len(ids), window=g), capture=True) as s, torch.no_grad():
+        cache = s.new_cache()
+        model(input_ids=torch.tensor([ids]), **s.cache_kwargs(cache))
+        out = {}
+        for i, cap in s.captured.items():
+            votes = SnapKV(kernel=kernel).score(dataclasses.replace(cap.inputs, window=g))[0]  # [Hkv, L]
+            votes[:, n - tail :] = float("inf")
+            top = votes.sort(dim=-1, descending=True, stable=True).indices[:, : budget + g]
+            out[i] = [sorted(p for p in head.tolist() if p < n) for head in top]
+    return out
 
 
 def test_context_cache_kvzip_keeps_what_the_method_keeps(tok):
@@ -62,17 +84,17 @@ def test_context_cache_default_is_the_probe_with_kernel_31(tok):
         assert isinstance(doc.method, Probe) and doc.method.method.kernel == 31 and doc.probe == DEFAULT_PROBE
         got = _positions(doc.cache)
         default = doc.ask(QUESTION, max_new_tokens=4)
-    # The method called directly: the context plus the probe, the probe as SnapKV(31)'s window, then cut.
+    # From first principles: the probe votes as SnapKV(31)'s window, the context's last window kept, probe cut.
     ctx_ids, _ = split_prompt(tok, ctx, "?", chat=False)
     probe_ids = list(tok(DEFAULT_PROBE, add_special_tokens=False)["input_ids"])
-    g = len(probe_ids)
-    with SnapKVSession(model, SnapKVConfig(budget=128 + g, window=g), method=SnapKV(kernel=31)) as s, \
-            torch.no_grad():
-        s.window = g
-        cache = s.new_cache()
-        model(input_ids=torch.tensor([ctx_ids + probe_ids]), **s.cache_kwargs(cache))
-        want = [[h[:-g] for h in layer.positions[0].tolist()] for layer in cache.layers]
-    assert got == want
+    g, n = len(probe_ids), len(ctx_ids)
+    want = _probe_reference(model, ctx_ids + probe_ids, g, 128, CFG.window, 31)
+    assert got == [want[i] for i in range(len(got))]
+    assert all(set(range(n - CFG.window, n)) <= set(h) for layer in got for h in layer)  # the tail stays
+    # tail=0: only what the probe votes for (the tail is not forced in)
+    with ContextCache(model, tok, ctx, CFG, chat=False, method=Probe(tail=0), backend="transformers") as doc:
+        want0 = _probe_reference(model, ctx_ids + probe_ids, g, 128, 0, 31)
+        assert _positions(doc.cache) == [want0[i] for i in range(len(got))]
     # The explicit method and the engine give the same answer.
     for backend in ("transformers", "engine"):
         with ContextCache(model, tok, ctx, CFG, chat=False, method=Probe(), backend=backend) as doc:
@@ -109,17 +131,15 @@ def test_context_cache_probe_on_sliding_layers_takes_them_from_the_context_alone
     ctx_ids, _ = split_prompt(tok, ctx, "?", chat=False)
     probe_ids = list(tok(DEFAULT_PROBE, add_special_tokens=False)["input_ids"])
     g = len(probe_ids)
-    with SnapKVSession(model, SnapKVConfig(budget=128 + g, window=g), method=SnapKV(kernel=31)) as s, \
-            torch.no_grad():
-        s.window = g
-        probed, alone = s.new_cache(), s.new_cache()
-        model(input_ids=torch.tensor([ctx_ids + probe_ids]), **s.cache_kwargs(probed))
+    want = _probe_reference(model, ctx_ids + probe_ids, g, 128, CFG.window, 31)
+    with SnapKVSession(model, CFG) as s, torch.no_grad():
+        alone = s.new_cache()
         model(input_ids=torch.tensor([ctx_ids]), **s.cache_kwargs(alone))
         full = s.full_layers
         sliding = [i for i in range(len(layers)) if i not in full]
-        assert full and sliding
+        assert full and sliding and sorted(want) == full
         for i in full:
-            assert layers[i].positions[0].tolist() == [h[:-g] for h in probed.layers[i].positions[0].tolist()]
+            assert layers[i].positions[0].tolist() == want[i]
         for i in sliding:
             assert torch.equal(layers[i].keys, alone.layers[i].keys)
     with pytest.raises(ValueError, match="backend='engine' cannot run a probe on a model with sliding-window"):
@@ -156,6 +176,38 @@ def test_probe_method_bad_input():
         kvzip_context_cache(tiny_model("llama"), torch.tensor([[5, 6, 7]]), [5], method=SnapKV())
     p = Probe()
     assert p.scorer == SnapKV(kernel=31) and dataclasses.replace(p, text="x").text == "x"
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="tail must be None .* or an integer >= 0"):
+            Probe(tail=bad)
+
+
+def test_probe_config_and_selector():
+    cfg = SnapKVConfig(budget=100, window=8)
+    assert probe_config(cfg, 1000, 20) == dataclasses.replace(cfg, budget=120, window=20)  # the probe votes
+    assert probe_config(cfg, 1000, 20, tail=0) == dataclasses.replace(cfg, budget=120, window=20)
+    assert probe_config(cfg, 100, 20) is None  # the context fits its budget: no probe
+    frac = SnapKVConfig(budget=0.25, window=8)
+    assert probe_config(frac, 1000, 20) == dataclasses.replace(frac, budget=270, window=20)
+    with pytest.raises(ValueError, match="probe_tokens must be a positive integer"):
+        probe_config(cfg, 1000, 0)
+    with pytest.raises(ValueError, match=r"tail must be an integer in \[0, 1000\)"):
+        probe_config(cfg, 1000, 20, tail=1000)
+    with pytest.raises(ValueError, match=r"budget \(100\) must be greater than the observation window \(100\)"):
+        probe_config(cfg, 1000, 20, tail=100)
+    assert probe_selector(SnapKV(kernel=5), cfg) == Probe(SnapKV(kernel=5), tail=8)
+    assert probe_selector(Probe(SnapKV(kernel=5), tail=3), cfg) == Probe(SnapKV(kernel=5), tail=3)
+    assert probe_selector(Probe(SnapKV(kernel=5)), cfg, tail=0) == Probe(SnapKV(kernel=5), tail=0)
+    # The selection: the probe's votes decide, the tail is kept whatever they say.
+    g, n, tail = 4, 40, 6
+    inputs = ScoreInputs(queries=torch.randn(1, 2, n + g, 8), keys=torch.randn(1, 2, n + g, 8), key_valid=None,
+                         window=g, scaling=0.3)
+    scores = SnapKV(kernel=3).score(inputs)
+    scores[..., n - tail : n] = -1.0  # the tail's own votes are the lowest: kept anyway
+    sel = Probe(SnapKV(kernel=3), tail=tail).select(inputs, torch.tensor([g + 12]), scores)
+    rest = scores[..., : n - tail].float().sort(dim=-1, descending=True, stable=True).indices[..., : 12 - tail]
+    for h in range(2):
+        want = sorted(rest[0, h].tolist() + list(range(n - tail, n + g)))
+        assert sel.indices[0, h].tolist() == want
 
 
 # -- the server's document cache ---------------------------------------------------------------------

@@ -29,7 +29,7 @@ from snapkv.cache.compressed import SnapKVCache, Snapshot
 from snapkv.config import SnapKVConfig
 from snapkv.integration.session import SnapKVSession
 from snapkv.methods.base import Method
-from snapkv.methods.probe import DEFAULT_PROBE, Probe
+from snapkv.methods.probe import DEFAULT_PROBE, Probe, probe_config, probe_selector
 from snapkv.methods.snapkv import SnapKV
 
 #: The query-agnostic methods ``ContextCache(method=...)`` accepts (any selection method too).
@@ -278,7 +278,9 @@ class ContextCache:
             method = Probe()
         # What scores the context on the session or the engine (None: KVzip's replay does).
         self._scorer = None if isinstance(method, KVzip) else method.method if isinstance(method, Probe) else method
-        self.session = SnapKVSession(model, self.config, method=self._scorer)
+        # The session selects with the probe's tail kept (a probe's votes, the context's last window).
+        selector = probe_selector(method, self.config) if isinstance(method, Probe) else self._scorer
+        self.session = SnapKVSession(model, self.config, method=selector)
         full_attention = len(self.session.full_layers) == len(self.session.layer_types)
         if isinstance(method, KVzip) and not full_attention:
             raise ValueError("method=KVzip(...) needs a model whose layers are all full attention: the replay "
@@ -292,6 +294,7 @@ class ContextCache:
             self.backend = "transformers"
         self.method: Method = method
         self.probe = method.text if isinstance(method, Probe) else None
+        self._probe_tail = method.tail if isinstance(method, Probe) else None
         self._snap: Snapshot | None = None
         self.prefill_s = 0.0
 
@@ -353,10 +356,11 @@ class ContextCache:
         probe_ids: list[int] = []
         if self.probe is not None:
             probe_ids = list(self.tokenizer(self.probe, add_special_tokens=False)["input_ids"])
-            if self.config.kept_tokens(len(ctx_ids), window=len(probe_ids)) >= len(ctx_ids):
+            if probe_config(self.config, len(ctx_ids), len(probe_ids), self._probe_tail) is None:
                 probe_ids = []  # the context fits its budget: nothing to select, no probe needed
         self._engine = EngineContext(self.model, self.tokenizer, self.config, ctx_ids, probe_ids,
-                                     method=self._scorer)
+                                     method=self._scorer,
+                                     probe_tail=self._probe_tail)
         self._engine_ctx_ids = ctx_ids
         self.context_tokens, self.prefill_s, self.stats = len(ctx_ids), self._engine.prefill_s, self._engine.stats
         self._snap = None
@@ -395,11 +399,11 @@ class ContextCache:
         if self.probe is None:
             return []
         ids = list(self.tokenizer(self.probe, add_special_tokens=False)["input_ids"])
-        keep = self.config.kept_tokens(context_tokens, window=len(ids))
-        if keep >= context_tokens:  # the context fits its budget: nothing to select, no probe needed
+        probed = probe_config(self.config, context_tokens, len(ids), self._probe_tail)
+        if probed is None:  # the context fits its budget: nothing to select, no probe needed
             return []
-        self.session.config = dataclasses.replace(self.config, budget=keep + len(ids), window=len(ids))
-        self.session.window = len(ids)
+        self.session.config = probed
+        self.session.window = probed.window
         return ids
 
     def ask(self, question: str, max_new_tokens: int = 32) -> Answer:

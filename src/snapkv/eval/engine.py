@@ -7,13 +7,14 @@ Prefills per sample (each at most once, only when a requested setting needs it):
   all full-attention, this is read off the whole-prompt capture (causal attention makes the
   context's queries, keys and values a prefix of the prompt's), so it costs nothing;
 * the context plus :data:`PROBE_TEXT`, captured: ``probe`` settings. SnapKV votes with the
-  probe as its window, then the probe's slots are cut from every layer before the question.
+  probe and the context's last ``window`` tokens as its window (as
+  :func:`snapkv.methods.probe.probe_config` sets it), then the probe's slots are cut from
+  every layer before the question.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -22,10 +23,11 @@ import torch
 
 from snapkv.cache.compressed import CompressedLayer, SnapKVCache
 from snapkv.config import SnapKVConfig
-from snapkv.eval.methods import METHODS, PROBE_TEXT, fit_replay
+from snapkv.eval.methods import METHODS, PROBE_TAILS, PROBE_TEXT, fit_replay
 from snapkv.eval.tasks import Codec, Sample
 from snapkv.integration.session import SnapKVSession, wrap_method
 from snapkv.methods import Method
+from snapkv.methods.probe import probe_config, probe_selector
 
 
 @dataclass(frozen=True)
@@ -79,21 +81,26 @@ class Prefill:
 
 
 def _derive(
-    session: SnapKVSession, pre: Prefill, setting: Setting, window: int, extra: int = 0, prefix: int | None = None
+    session: SnapKVSession, pre: Prefill, setting: Setting, window: int, probe: int = 0, prefix: int | None = None,
+    tail: int | None = None,
 ) -> SnapKVCache:
-    """The setting's cache from ``pre``'s capture (``prefix``: of its first tokens only)."""
+    """The setting's cache from ``pre``'s capture (``prefix``: of its first tokens only).
+
+    ``probe``: the capture ends with a probe of that many tokens; budget and window are
+    :func:`~snapkv.methods.probe.probe_config`'s with ``tail`` (the setting's budget of context
+    tokens remains once the probe is cut).
+    """
     m = METHODS[setting.method]
     if m.scorer not in pre.methods:  # one instance per scorer: derive() memoizes its scores
         pre.methods[m.scorer] = m.make()
     length = prefix or pre.length
-    budget = setting.budget
-    if extra and isinstance(budget, float):  # a fraction of the context, in tokens, plus the probe
-        budget = math.ceil(budget * (length - extra))
-    if extra:
-        budget += extra
-    config = SnapKVConfig(budget=budget, window=window)
+    config = SnapKVConfig(budget=setting.budget, window=window)
     method = wrap_method(pre.methods[m.scorer], m.profile, m.head_budget)
-    return session.derive(pre.cache, method=method, config=config, window=window, prefix=prefix)
+    if probe:  # the probe's votes, the context's last tail tokens kept
+        method = probe_selector(method, config, tail)
+        probed = probe_config(config, length - probe, probe, tail)
+        config = probed or SnapKVConfig(budget=length, window=window + probe)  # the context fits: all kept
+    return session.derive(pre.cache, method=method, config=config, window=config.window, prefix=prefix)
 
 
 def _cut_tail(cache: SnapKVCache, n: int, sliding_from: SnapKVCache | None) -> None:
@@ -190,8 +197,8 @@ def evaluate_sample(
                     if probe is None:
                         probe = Prefill(model, session, sample.context_ids + probe_ids)
                     pre, shared, ctx_len = probe, probe.seconds, probe.length
-                    g = len(probe_ids)
-                    cache = _derive(session, probe, st, g, extra=g)
+                    g = len(probe_ids)  # the probe votes with the context's last window tokens, then is cut
+                    cache = _derive(session, probe, st, window, probe=g, tail=PROBE_TAILS[st.mode])
                     sliding = None if prefix_ok else ctx.cache
                     _cut_tail(cache, g, sliding)
                     session.activate(cache)
@@ -206,6 +213,6 @@ def evaluate_sample(
             t1 = time.perf_counter()
             toks = greedy(model, session, cache, logits, start, max_new, codec.eos)
             decode_s = time.perf_counter() - t1
-            if st.mode == "probe":
+            if st.mode in PROBE_TAILS:
                 kept = min(kept - len(probe_ids), float(lc))
             yield Outcome(st, codec.decode(toks), len(toks), kept, derive_s, decode_s), shared

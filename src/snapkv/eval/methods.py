@@ -67,8 +67,14 @@ REPLAY_KEY = "_replay"
 
 #: ``query``: the question is in the prompt when the cache is compressed (the paper's setting).
 #: ``context``: the context alone is compressed, the question comes afterwards.
-#: ``probe``: context-only, but a generic question appended to the context votes, then is dropped.
-MODES: tuple[str, ...] = ("query", "context", "probe")
+#: ``probe``: context-only, but a generic question appended to the context votes with the context's
+#: last ``window`` tokens (the library's ``Probe()``), then is dropped.
+#: ``probe-only``: the same, the probe's tokens alone voting (``Probe(tail=0)``; the probe mode of
+#: records made before 2026-12).
+MODES: tuple[str, ...] = ("query", "context", "probe", "probe-only")
+
+#: The probe's tail (``Probe.tail``) of each probe mode: None is the window.
+PROBE_TAILS: dict[str, int | None] = {"probe": None, "probe-only": 0}
 
 #: The generic observation window of ``probe`` mode (task-agnostic; the library's default probe).
 PROBE_TEXT = DEFAULT_PROBE
@@ -106,7 +112,7 @@ def applies(method: str, mode: str) -> bool:
         return mode == "query"
     if m.replay:
         return mode == "context"
-    return mode != "probe" or m.uses_queries and method != "h2o" and m.head_budget == "uniform"
+    return mode not in PROBE_TAILS or m.uses_queries and method != "h2o" and m.head_budget == "uniform"
 
 
 def fit_replay(model: torch.nn.Module, methods: dict[str, Method], method: str, captured: dict[int, Any],

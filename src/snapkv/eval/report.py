@@ -19,7 +19,8 @@ METHOD_ORDER = ("full", "snapkv", "snapkv-k31", "adakv", "pyramidkv", "kvzip", "
 MODE_TITLES = {
     "query": "query-aware (question inside the compressed prompt)",
     "context": "context-only (context compressed alone, question afterwards)",
-    "probe": "context-only + generic probe window (probe votes, then is dropped)",
+    "probe": "context-only + generic probe window (probe + the context's last window vote; the probe is dropped)",
+    "probe-only": "context-only + generic probe window (the probe alone votes, then is dropped)",
 }
 
 
@@ -129,7 +130,7 @@ def summary_tables(records: Sequence[dict[str, Any]]) -> list[str]:
                   "Samples per task: " + ", ".join(f"{t} {n}" for t, n in counts.items())
                   + f". Full cache: **{fmt(full)}** (n={len(full)}).", "",
                   "| method | mode | " + " | ".join(budgets) + " |", "|---|---|" + "---|" * len(budgets)]
-        for mode in ("query", "context", "probe"):
+        for mode in ("query", "context", "probe", "probe-only"):
             for m in _methods(rs):
                 if m == "full":
                     continue

@@ -13,18 +13,19 @@ teacher-forced decode steps (:meth:`Engine.extend`), answered, and rewound
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import Any
 
 import torch
 
 from snapkv.api import Answer, LayerStats
+from snapkv.cache.compress import snapkv_from
 from snapkv.config import SnapKVConfig
 from snapkv.generation.adapter import runner_for
 from snapkv.generation.generate import Engine
 from snapkv.generation.static_cache import StaticKVCache
 from snapkv.methods.base import Method
+from snapkv.methods.probe import probe_config, probe_selector
 
 BACKENDS: tuple[str, ...] = ("auto", "engine", "transformers")
 
@@ -130,15 +131,21 @@ class EngineContext:
             compressed, then cut), or empty.
         room: new-token slots allocated at first (question plus answer).
         method: the selection method (default SnapKV from ``config``), e.g. ``AdaptiveHeads(SnapKV())``.
+        probe_tail: context tokens before the probe that vote with it (``Probe.tail``; None: the window).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, config: SnapKVConfig, ctx_ids: list[int],
-                 probe_ids: list[int], room: int = DEFAULT_ROOM, method: Method | None = None) -> None:
+                 probe_ids: list[int], room: int = DEFAULT_ROOM, method: Method | None = None,
+                 probe_tail: int | None = None) -> None:
         self.tokenizer = tokenizer
         n, g = len(ctx_ids), len(probe_ids)
-        if g:  # the probe votes as the window and is kept whole, then cut
-            keep = config.kept_tokens(n, window=g)
-            config = dataclasses.replace(config, budget=keep + g, window=g)
+        if g:  # the probe votes with the context's last window tokens, then is cut
+            probed = probe_config(config, n, g, probe_tail)
+            if probed is None:
+                raise ValueError(f"probe_ids given, but the {n}-token context fits its budget: nothing to select "
+                                 "(pass no probe)")
+            method = probe_selector(method or snapkv_from(config), config, probe_tail)
+            config = probed
         self.engine = Engine(model, config, method=method)
         sync = _sync_fn(self.engine.parts.device)
         t0 = time.perf_counter()

@@ -29,8 +29,9 @@ from snapkv.generation.adapter import DecoderParts
 from snapkv.generation.attention import causal_chunk_attention
 from snapkv.generation.prefill import kept_per_layer, prefill
 from snapkv.generation.static_cache import StaticKVCache
+from snapkv.methods.base import Method
 from snapkv.methods.kvzip import DEFAULT_REPLAY_PROMPT, KVzip, kvzip_context_cache
-from snapkv.methods.probe import REUSE_KERNEL, Probe
+from snapkv.methods.probe import REUSE_KERNEL, Probe, probe_config, probe_selector
 from snapkv.methods.snapkv import SnapKV
 from snapkv.serve.doc_cache import DocEntry
 
@@ -77,6 +78,11 @@ def check_doc_method(method: object, profile: str) -> None:
                          f"{profile!r} (use --layer-profile uniform or --doc-method probe)")
 
 
+def _tail(method: DocMethod | None) -> int | None:
+    """The probe's tail (``Probe.tail``; None: the config's window, also for KVzip's kept window)."""
+    return method.tail if isinstance(method, Probe) else None
+
+
 def new_row_cache(parts: DecoderParts, kept: list[int]) -> StaticKVCache:
     """A 1-row static cache with room for ``max(kept)`` prompt tokens (and one more slot)."""
     return StaticKVCache(parts.num_layers, 1, parts.num_kv_heads, parts.head_dim, max(kept), 1,
@@ -88,10 +94,9 @@ def context_slots(config: SnapKVConfig, context_tokens: int, probe_tokens: int, 
     """Kept context tokens of the largest layer (what :func:`compress_context` stores)."""
     if isinstance(method, KVzip):  # the context's own last window tokens are kept, uniform budgets
         return min(config.kept_tokens(context_tokens), context_tokens)
-    keep = config.kept_tokens(context_tokens, window=probe_tokens)
-    if keep >= context_tokens:
+    probed = probe_config(config, context_tokens, probe_tokens, _tail(method))
+    if probed is None:
         return context_tokens
-    probed = dataclasses.replace(config, budget=keep + probe_tokens, window=probe_tokens)
     return max(kept_per_layer(probed, context_tokens + probe_tokens, num_layers, profile)) - probe_tokens
 
 
@@ -130,17 +135,18 @@ def compress_context(
         config = dataclasses.replace(config, kernel=s.kernel, pooling=s.pooling, gqa_reduce=s.gqa_reduce,
                                      chunk_size=s.chunk_size)
     n, g = len(context), len(probe)
-    keep = config.kept_tokens(n) if isinstance(method, KVzip) else config.kept_tokens(n, window=g)
-    if keep >= n:  # the whole context fits its budget: nothing to select, no probe needed
-        probed, ids, drop = None, context, 0
+    probed = probe_config(config, n, g, _tail(method))  # the probe votes with the context's tail, then is cut
+    selector: Method = method_for(config)
+    if probed is None:  # the whole context fits its budget: nothing to select, no probe needed
+        ids, drop = context, 0
     elif isinstance(method, KVzip):
         return _compress_replay(parts, context, probe, config, method)
-    else:
-        probed, ids, drop = dataclasses.replace(config, budget=keep + g, window=g), context + probe, g
+    else:  # the probe's votes, the context's last tail tokens kept
+        ids, drop, selector = context + probe, g, probe_selector(selector, config, _tail(method))
     kept = kept_per_layer(probed, len(ids), parts.num_layers, profile)
     cache = new_row_cache(parts, kept)
     row = torch.tensor(ids, dtype=torch.long, device=parts.device)
-    prefill(parts, [row], cache, config=probed, method=method_for(config), layer_profile=profile,
+    prefill(parts, [row], cache, config=probed, method=selector, layer_profile=profile,
             chunk=chunk, backend=backend, whole_layer_bytes=whole_layer_bytes)
     p = cache.prompt_slots
     keys = tuple(cache.keys[li, 0, :, p - kept[li] : p - drop].clone() for li in range(parts.num_layers))
