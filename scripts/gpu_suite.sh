@@ -89,6 +89,7 @@ if [[ " $STAGES " == *" api "* ]]; then
   stage "api: answer()/ContextCache (auto, transformers) vs the engine, llama3-8b shape, 32K and 128K"
   mkdir -p "$OUT/api"
   timeout "${API_TIMEOUT_S:-540}" "$PY" -m snapkv.bench.api_bench --model llama3-8b --lengths "${API_LENGTHS:-32K,128K}" --budget 2048 \
+    ${API_ROWS:+--rows "$API_ROWS"} \
     --new-tokens 64 --time-budget "${API_BUDGET_S:-420}" --out "$OUT/api" || status=1
 fi
 

@@ -101,6 +101,8 @@ def test_api_bench_cpu_smoke(tmp_path):
     assert rows["answer/auto"]["backend"] == rows["context/auto"]["backend"] == "engine"
     assert rows["answer/transformers"]["backend"] == "transformers"
     assert rows["answer/auto"]["kept_tokens"] == 64
+    assert rows["probe/auto"]["backend"] == "engine" and rows["probe/auto"]["kept_tokens"] == 64
+    assert rows["probe/auto"]["context_prefill_s"] > 0
     assert "| answer/auto | engine | 300 | ok |" in (tmp_path / "api_bench.md").read_text()
 
 

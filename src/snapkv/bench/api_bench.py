@@ -4,8 +4,11 @@ For each prompt length, on one model (random weights of a real shape by default)
 
 * ``engine``: ``snapkv bench``'s engine point (:func:`snapkv.bench.measure.measure`, SnapKV budget);
 * ``answer/auto``, ``answer/transformers``: :func:`snapkv.api.answer` with that backend;
-* ``context/auto``, ``context/transformers``: :class:`snapkv.api.ContextCache` (context-only),
-  one ``ask()`` after the context is compressed.
+* ``context/auto``, ``context/transformers``: :class:`snapkv.api.ContextCache` (context-only,
+  ``probe=False``), one ``ask()`` after the context is compressed;
+* ``probe/auto``: ``ContextCache``'s default reuse scorer (:class:`snapkv.methods.Probe`: the
+  context plus a probe question compressed, the probe cut): its ``context_prefill_s`` against
+  ``context/auto``'s is the query-agnostic scorer's cost.
 
 Each row: the backend that ran, TTFT (answer: ``prefill_s``; context: compressing the context,
 then feeding the question), decode ms/token (median step for the engine point; the answer's
@@ -38,7 +41,8 @@ from snapkv.config import SnapKVConfig
 
 GiB = 1024**3
 QUESTION = "\nWhat is the key? "  # shorter than the window: the window does not widen
-ROWS: tuple[str, ...] = ("engine", "answer/auto", "answer/transformers", "context/auto", "context/transformers")
+ROWS: tuple[str, ...] = ("engine", "answer/auto", "answer/transformers", "context/auto", "context/transformers",
+                         "probe/auto")
 
 
 def char_tokenizer(size: int = 0) -> Any:
@@ -107,11 +111,11 @@ def measure_row(kind: str, model: torch.nn.Module, tok: Any, n: int, budget: int
             ans = answer(model, tok, context, QUESTION, config, max_new_tokens=new_tokens, chat=False,
                          backend=kind.split("/")[1])
             row.update(_answer_row(ans, ans.prefill_s))
-        elif kind.startswith("context/"):
+        elif kind.startswith(("context/", "probe/")):
             context = random_context(n - len(QUESTION))
-            # probe=False: plain context-only, as measured before the probe became ContextCache's default
-            with ContextCache(model, tok, context, config, chat=False, probe=False,
-                              backend=kind.split("/")[1]) as doc:
+            # context/: probe=False, plain context-only; probe/: the default Probe() (kernel 31)
+            probe = None if kind.startswith("probe/") else False
+            with ContextCache(model, tok, context, config, chat=False, probe=probe, backend=kind.split("/")[1]) as doc:
                 ans = doc.ask(QUESTION, max_new_tokens=new_tokens)
                 row.update(_answer_row(ans, ans.prefill_s), context_prefill_s=doc.prefill_s,
                            question_s=ans.prefill_s - doc.prefill_s)
@@ -136,11 +140,12 @@ def _markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     lines = [f"# Documented API vs engine vs transformers ({meta.get('device')})", "",
              f"model {meta.get('model')}, torch {meta.get('torch')}, transformers {meta.get('transformers')}, "
              f"{meta.get('date')}", "",
-             "| row | backend | prompt | status | TTFT s | decode ms/token | capture s | peak GiB |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| row | backend | prompt | status | TTFT s | context s | decode ms/token | capture s | peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['row']} | {r.get('backend', '-')} | {r['length']} | {r['status']} | "
-                     f"{f(r.get('ttft_s'), '.2f')} | {f(r.get('decode_ms'), '.2f')} | {f(r.get('capture_s'), '.2f')} | "
+                     f"{f(r.get('ttft_s'), '.2f')} | {f(r.get('context_prefill_s'), '.2f')} | "
+                     f"{f(r.get('decode_ms'), '.2f')} | {f(r.get('capture_s'), '.2f')} | "
                      f"{f(r.get('peak_gib'), '.1f')} |")
     return "\n".join(lines) + "\n"
 
