@@ -70,7 +70,8 @@ def _add_config(p: argparse.ArgumentParser, budget: int | float | str) -> None:
     else:
         g.add_argument("--budget", type=parse_budget, default=budget, help=text)
     g.add_argument("--window", type=int, default=32, help="observation window: the last tokens vote, all kept")
-    g.add_argument("--kernel", type=int, default=7, help="odd pooling kernel along the sequence")
+    g.add_argument("--kernel", type=int, default=31,
+                   help="odd pooling kernel along the sequence (default 31; the paper's is 7)")
     g.add_argument("--pooling", choices=POOLINGS, default="max", help="pooling of the votes")
     g.add_argument("--gqa-reduce", choices=REDUCTIONS, default="mean", help="votes of query heads sharing a KV head")
 

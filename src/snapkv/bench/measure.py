@@ -58,7 +58,7 @@ class Options:
     warmup: int = 4
     prefill_chunk: int = 8192
     window: int = 32
-    kernel: int = 7
+    kernel: int = 31
     pooling: str = "max"
     backend: str | None = None
     use_graph: bool | None = None

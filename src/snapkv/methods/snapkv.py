@@ -20,13 +20,13 @@ class SnapKV(Method):
     """Window votes, reduced over each GQA group, pooled along the sequence.
 
     Args:
-        kernel: odd pooling width (default 7).
+        kernel: odd pooling width (default 31; the paper's 7 is ``SnapKV(kernel=7)``).
         pooling: ``"max"`` (default) or ``"avg"``.
         gqa_reduce: ``"mean"`` (default) or ``"max"`` over the query heads of a KV head.
         chunk_size: keys scored per chunk.
     """
 
-    kernel: int = 7
+    kernel: int = 31
     pooling: str = "max"
     gqa_reduce: str = "mean"
     chunk_size: int = 8192

@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("SnapKV defaults (requests override them in extra_body={'snapkv': {...}})")
     g.add_argument("--budget", type=parse_budget, default=1024, help="tokens kept per layer/head (default 1024)")
     g.add_argument("--window", type=int, default=32)
-    g.add_argument("--kernel", type=int, default=7)
+    g.add_argument("--kernel", type=int, default=31, help="odd pooling kernel of SnapKV's votes (the paper's is 7)")
     g.add_argument("--pooling", choices=POOLINGS, default="max")
     g.add_argument("--gqa-reduce", choices=REDUCTIONS, default="mean")
     g.add_argument("--layer-profile", choices=("uniform", "pyramid"), default="uniform")
