@@ -1,8 +1,13 @@
-"""The "Reuse at 4x" tables of docs/RESULTS.md from results/{smollm2,gemma3}-4k-reuse.
+"""The "Reuse at 4x" tables of docs/RESULTS.md from results/{smollm2,gemma3}-4k-{probe-tail,reuse}.
 
-The reuse runs add the reuse modes; the query-aware rows (and SmolLM2's context-only SnapKV)
-of the same prompts come from the earlier runs (results/smollm2-4k, results/gemma3-4k), merged
-here for the prompts the reuse run reached, after checking that the prompt hashes agree.
+The reuse runs add the reuse modes: ``*-4k-probe-tail`` the probe as ``Probe()`` keeps it since
+2026-12-01 (mode ``probe``: the probe votes, the context's last 32 tokens kept) beside the probe
+alone (``probe-only``), ``*-4k-reuse`` the earlier reuse run, whose ``probe`` records (made before
+records had a ``probe_window``) are the probe alone and are read as ``probe-only``. The
+query-aware rows (and SmolLM2's context-only SnapKV) of the same prompts come from the earlier
+runs (results/smollm2-4k, results/gemma3-4k), merged here for the prompts the reuse runs reached,
+after checking that the prompt hashes agree. Where two runs hold the same setting of a prompt,
+the first folder's record is used.
 Each row says its prompt count. Scores: percent mean with a 95% interval (``report.fmt``:
 Wilson for 0/1 scores); "of full": the row's summed score over the full cache's on the same
 prompts, with a paired bootstrap 95% interval (``report.retention``).
@@ -18,30 +23,45 @@ from pathlib import Path
 from snapkv.eval.report import fmt, retention
 
 HERE = Path(__file__).parent
-RUNS = {"SmolLM2-135M-Instruct": (HERE / "smollm2-4k-reuse", HERE / "smollm2-4k"),
-        "Gemma-3-270M (base, plain prompts)": (HERE / "gemma3-4k-reuse", HERE / "gemma3-4k")}
+RUNS = {"SmolLM2-135M-Instruct": ([HERE / "smollm2-4k-probe-tail", HERE / "smollm2-4k-reuse"], HERE / "smollm2-4k"),
+        "Gemma-3-270M (base, plain prompts)": ([HERE / "gemma3-4k-probe-tail", HERE / "gemma3-4k-reuse"],
+                                               HERE / "gemma3-4k")}
 KEY = ("task", "index", "method", "mode", "budget")
 ROWS = [("full", "query", "reference: full cache"),
         ("snapkv", "query", "query-aware (question in the window)"),
         ("snapkv-k31", "query", "query-aware, kernel 31"),
         ("snapkv", "context", "reuse: context-only"),
         ("snapkv-k31", "context", "reuse: context-only, kernel 31"),
-        ("snapkv", "probe", "reuse: probe"),
-        ("snapkv-k31", "probe", "reuse: probe, kernel 31 (the new default)"),
+        ("snapkv", "probe-only", "reuse: probe alone"),
+        ("snapkv-k31", "probe-only", "reuse: probe alone, kernel 31 (the default until 2026-12-01)"),
+        ("snapkv", "probe", "reuse: probe + the context's last 32 tokens"),
+        ("snapkv-k31", "probe", "reuse: probe + last 32, kernel 31 (`Probe()`, the default)"),
         ("kvzip", "context", "reuse: KVzip replay"),
         ("kvzip-k31", "context", "reuse: KVzip replay, kernel 31")]
 
 
 def _read(folder: Path) -> list[dict]:
     path = folder / "records.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    recs = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    for r in recs:
+        if r["mode"] == "probe" and "probe_window" not in r:  # made before the probe kept the context's tail
+            r["mode"] = "probe-only"
+    return recs
 
 
-def merged(folder: Path, earlier: Path, budget: str) -> list[dict]:
-    """The reuse run's records plus the earlier run's at ``budget`` (and full) on the same prompts."""
-    recs = _read(folder)
-    prompts = {(r["task"], r["index"]): r["prompt_hash"] for r in recs}
-    have = {tuple(r[k] for k in KEY) for r in recs}
+def merged(folders: list[Path], earlier: Path, budget: str) -> list[dict]:
+    """The reuse runs' records plus the earlier run's at ``budget`` (and full) on the same prompts."""
+    recs: list[dict] = []
+    prompts: dict[tuple, str] = {}
+    have: set[tuple] = set()
+    for folder in folders:
+        for r in _read(folder):
+            where, key = (r["task"], r["index"]), tuple(r[k] for k in KEY)
+            if prompts.setdefault(where, r["prompt_hash"]) != r["prompt_hash"]:
+                raise ValueError(f"{folder}: prompt {where} differs from another reuse run's")
+            if key not in have:
+                have.add(key)
+                recs.append(r)
     for r in _read(earlier):
         where = (r["task"], r["index"])
         if where not in prompts or r["budget"] not in (budget, "full") or tuple(r[k] for k in KEY) in have:
@@ -52,9 +72,9 @@ def merged(folder: Path, earlier: Path, budget: str) -> list[dict]:
     return recs
 
 
-def table(name: str, folder: Path, earlier: Path, budget: str = "1024") -> list[str]:
+def table(name: str, folders: list[Path], earlier: Path, budget: str = "1024") -> list[str]:
     """Markdown lines of one model's table."""
-    recs = merged(folder, earlier, budget)
+    recs = merged(folders, earlier, budget)
     if not recs:
         return [f"{name}: no records yet", ""]
     out: list[str] = []
@@ -81,7 +101,7 @@ def table(name: str, folder: Path, earlier: Path, budget: str = "1024") -> list[
 
 def render() -> str:
     """Both models' tables (the ``generated:reuse4k`` block of docs/RESULTS.md)."""
-    return "\n".join(line for name, (folder, earlier) in RUNS.items() for line in table(name, folder, earlier))
+    return "\n".join(line for name, (folders, earlier) in RUNS.items() for line in table(name, folders, earlier))
 
 
 def main() -> None:
