@@ -38,7 +38,7 @@ def _case(name: str, b: int, hkv: int, g: int, c: int, length: int, d: int, **kw
     return dict(name=name, B=b, Hkv=hkv, G=g, C=c, L=length, D=d, dtype=kw.get("dtype", "float32"),
                 softcap=kw.get("softcap"), values=kw.get("values", False), accumulate=kw.get("accumulate", False),
                 qscale=kw.get("qscale", 1.0), strided=kw.get("strided", False), block_m=kw.get("block_m"),
-                block_n=kw.get("block_n"))
+                block_n=kw.get("block_n"), visible=kw.get("visible"))
 
 
 CASES = [
@@ -53,6 +53,12 @@ CASES = [
     _case("g7_C5_L29_attention_cap_bf16", 1, 1, 7, 5, 29, 128, values=True, softcap=30.0, dtype="bfloat16"),
     _case("g1_C20_L3_tail_longer", 1, 1, 1, 20, 3, 64, values=True, block_m=16, block_n=16),
     _case("blocks16_g4_C9_L77", 1, 1, 4, 9, 77, 64, block_m=16, block_n=16, accumulate=True),
+    # Span-limited replay: only the sink [0, s) and the window [lo, hi) of the context are seen.
+    _case("span_g4_C7_L90_sink_window", 1, 2, 4, 7, 90, 64, visible=(3, 21, 58), values=True, block_n=16),
+    _case("span_g7_C5_L83_accumulate", 1, 1, 7, 5, 83, 128, visible=(5, 40, 83), accumulate=True, softcap=20.0),
+    _case("span_g1_C9_L70_no_sink_bf16", 2, 1, 1, 9, 70, 64, visible=(0, 17, 33), dtype="bfloat16", values=True),
+    _case("span_g4_C6_L50_sink_touches", 1, 2, 4, 6, 50, 64, visible=(4, 4, 29), block_m=16, block_n=16),
+    _case("span_whole_context", 1, 2, 4, 5, 37, 64, visible=(0, 0, 37), values=True, accumulate=True),
 ]
 
 
@@ -85,17 +91,20 @@ def run_case(case: dict[str, Any], device: str | torch.device, seed: int) -> dic
     q, k, v, length = x["query"], x["keys"], x["values"], x["context_len"]
     kw = dict(scaling=x["scaling"], softcap=x["softcap"])
     b, hkv = case["B"], case["Hkv"]
+    vis = case["visible"]
     out = x["prior"].clone() if case["accumulate"] else torch.full((b, hkv, length), float("nan"), device=device)
     scores, attn = replay_attention_scores_triton(q, k, length, values=v, out=out, accumulate=case["accumulate"],
-                                                  block_m=case["block_m"], block_n=case["block_n"], **kw)
-    twin = replay_chunk_scores(q, k, length, backend="torch", precision="fp32", key_block=16, max_logits=0, **kw)
-    dense = replay_chunk_scores_reference(q, k, length, **kw)
+                                                  block_m=case["block_m"], block_n=case["block_n"], visible=vis,
+                                                  **kw)
+    twin = replay_chunk_scores(q, k, length, backend="torch", precision="fp32", key_block=16, max_logits=0,
+                               visible=vis, **kw)
+    dense = replay_chunk_scores_reference(q, k, length, visible=vis, **kw)
     if case["accumulate"]:
         twin, dense = torch.maximum(twin, x["prior"]), torch.maximum(dense, x["prior"].double())
     r = {"same_out": scores.data_ptr() == out.data_ptr(), "twin": _compare(scores, twin),
          "dense": _compare(scores, dense.float())}
     if v is not None:
-        ref = replay_chunk_attention_reference(q, k, v, length, **kw)
+        ref = replay_chunk_attention_reference(q, k, v, length, visible=vis, **kw)
         tol = 1e-2 if case["dtype"] != "float32" else 1e-4  # the output is rounded to the query's dtype
         r["attn"] = _compare(attn.float(), ref.float(), rtol=tol, atol=tol)
         r["attn_dtype"] = str(attn.dtype)

@@ -7,6 +7,12 @@ queries see every context key and the chunk's own keys (causally); the score of 
 position is the highest softmax probability any replay query of a KV head's query-head group
 gives it. The model glue lives in :mod:`snapkv.methods.kvzip`.
 
+Span-limited replay (an approximation, linear in ``L``): with ``visible = (sink_end, lo, hi)``
+(:func:`span_visible`) a chunk's queries see only the context keys ``[0, sink_end)`` and
+``[lo, hi)`` (plus their own, causally); softmax is over those keys, and the keys outside get
+no vote from this chunk (the running max over chunks keeps what other chunks gave them).
+``visible=None`` is the exact replay.
+
 Two implementations of one chunk's scores: the torch one here (block-wise, at most
 ``[B, Hq, C, key_block]`` fp32 logits alive) and the Triton kernel of
 :mod:`snapkv.kernels.replay_score` (no ``C x K`` tensor at all; it can also return the
@@ -84,6 +90,62 @@ def resolve_score_backend(query: torch.Tensor, head_dim: int, backend: str) -> s
     return "triton"
 
 
+#: Context tokens at the front that every span-limited replay chunk sees (the attention sink:
+#: softmax mass that would otherwise be spread over the chunk's few visible keys).
+DEFAULT_SINK = 32
+
+Visible = tuple[int, int, int]
+
+
+def span_visible(context_len: int, start: int, end: int, span: int, sink: int = DEFAULT_SINK) -> Visible:
+    """``(sink_end, lo, hi)``: the context keys the replay of context chunk ``[start, end)`` sees.
+
+    ``[0, sink_end)`` (the first ``sink`` tokens, cut where they reach the window) and
+    ``[lo, hi) = [max(0, start - span), min(L, end + span))``, the chunk's own original
+    positions and ``span`` tokens either side (KVzip's copy attention sits on them).
+    """
+    for name, v in (("span", span), ("sink", sink)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
+    if not 0 <= start < end <= context_len:
+        raise ValueError(f"chunk [{start}, {end}) must lie inside the context [0, {context_len})")
+    lo, hi = max(0, start - span), min(context_len, end + span)
+    return min(sink, lo), lo, hi
+
+
+def check_visible(visible: Visible | None, context_len: int) -> Visible | None:
+    """``visible`` validated (``0 <= sink_end <= lo <= hi <= L``); None when it is the whole context."""
+    if visible is None:
+        return None
+    if len(visible) != 3 or any(isinstance(v, bool) or not isinstance(v, int) for v in visible):
+        raise ValueError(f"visible must be three integers (sink_end, lo, hi), got {visible!r}")
+    sink_end, lo, hi = visible
+    if not 0 <= sink_end <= lo <= hi <= context_len:
+        raise ValueError(f"visible must satisfy 0 <= sink_end <= lo <= hi <= context_len ({context_len}), "
+                         f"got {visible}")
+    return None if lo == 0 and hi == context_len else visible
+
+
+def visible_keys(keys: torch.Tensor, context_len: int, visible: Visible) -> torch.Tensor:
+    """``[B, H, L + C, D] -> [B, H, n + C, D]``: the visible context keys (sink, window), then the chunk's."""
+    sink_end, lo, hi = visible
+    return torch.cat([keys[:, :, :sink_end], keys[:, :, lo:hi], keys[:, :, context_len:]], dim=2)
+
+
+def visible_positions(context_len: int, visible: Visible, device: torch.device | None = None) -> torch.Tensor:
+    """Indices into ``[0, L + C)`` of :func:`visible_keys` without the chunk: ``[n]`` long."""
+    sink_end, lo, hi = visible
+    return torch.cat([torch.arange(sink_end, device=device), torch.arange(lo, hi, device=device)])
+
+
+def scatter_max(out: torch.Tensor, scores: torch.Tensor, visible: Visible) -> torch.Tensor:
+    """Max ``[B, H, n]`` scores of the visible keys into ``out`` ``[B, H, L]`` at their positions (in place)."""
+    sink_end, lo, hi = visible
+    for dst, src in ((out[..., :sink_end], scores[..., :sink_end]), (out[..., lo:hi], scores[..., sink_end:])):
+        dst.copy_(torch.maximum(dst, src))
+    return out
+
+
 def _mixed(query: torch.Tensor, precision: str) -> bool:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -122,6 +184,7 @@ def replay_chunk_scores(
     max_logits: int = 1 << 26,
     backend: str = "auto",
     out: torch.Tensor | None = None,
+    visible: Visible | None = None,
 ) -> torch.Tensor:
     """Highest attention probability each context key gets from one replay chunk.
 
@@ -146,6 +209,8 @@ def replay_chunk_scores(
         backend: ``auto``, ``triton`` or ``torch``.
         out: ``[B, Hkv, L]`` fp32 scores of earlier chunks: the result is their elementwise
             max with this chunk's, written into ``out`` (the running max over chunks).
+        visible: ``(sink_end, lo, hi)`` (:func:`span_visible`): the queries see only these
+            context keys; the others get 0 (or keep ``out``). None: all of them (exact).
 
     Returns:
         ``[B, Hkv, L]`` fp32 (``out`` when given).
@@ -153,13 +218,22 @@ def replay_chunk_scores(
     if resolve_score_backend(query, query.shape[-1], backend) == "triton":
         scores, _ = kernel_module().replay_attention_scores_triton(
             query, keys, context_len, scaling=scaling, softcap=softcap, out=out, accumulate=out is not None,
-            fp32_logits=not _mixed(query, precision))
+            fp32_logits=not _mixed(query, precision), visible=visible)
         return scores
+    b, hkv = keys.shape[:2]
+    if out is not None and (tuple(out.shape) != (b, hkv, context_len) or out.dtype != torch.float32):
+        raise ValueError(f"out must be float32 {(b, hkv, context_len)}, got {out.dtype} {tuple(out.shape)}")
+    visible = check_visible(visible, context_len)
+    if visible is not None:  # the sliced twin: the visible keys only, then scattered back
+        s = _replay_chunk_scores_torch(query, visible_keys(keys, context_len, visible),
+                                       visible[0] + visible[2] - visible[1], scaling=scaling, softcap=softcap,
+                                       key_block=key_block, precision=precision, max_logits=max_logits)
+        if out is None:
+            out = torch.zeros((b, hkv, context_len), device=keys.device)
+        return scatter_max(out, s, visible)
     s = _replay_chunk_scores_torch(query, keys, context_len, scaling=scaling, softcap=softcap,
                                    key_block=key_block, precision=precision, max_logits=max_logits)
     if out is not None:
-        if tuple(out.shape) != tuple(s.shape) or out.dtype != torch.float32:
-            raise ValueError(f"out must be float32 {tuple(s.shape)}, got {out.dtype} {tuple(out.shape)}")
         return torch.maximum(out, s, out=out)
     return s
 
@@ -174,6 +248,7 @@ def replay_chunk_attention(
     softcap: float | None = None,
     precision: str = "auto",
     out: torch.Tensor | None = None,
+    visible: Visible | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The chunk's causal attention output and its replay scores in one kernel (Triton only).
 
@@ -181,13 +256,16 @@ def replay_chunk_attention(
     mask, and the log-sum-exp the scores need comes from the same pass).
     :func:`replay_chunk_attention_reference` is its dense twin.
 
+    ``visible`` (:func:`span_visible`) limits the context keys the queries attend to (output
+    and scores); the kernel skips the key blocks outside.
+
     Returns:
         ``(scores, attn_output)``: as :func:`replay_chunk_scores` (``out`` accumulates), and
         ``[B, C, Hq, Dv]`` in the query's dtype.
     """
     scores, attn = kernel_module().replay_attention_scores_triton(
         query, keys, context_len, scaling=scaling, softcap=softcap, values=values, out=out,
-        accumulate=out is not None, fp32_logits=not _mixed(query, precision))
+        accumulate=out is not None, fp32_logits=not _mixed(query, precision), visible=visible)
     assert attn is not None  # values given
     return scores, attn
 
@@ -200,6 +278,7 @@ def replay_chunk_attention_reference(
     *,
     scaling: float,
     softcap: float | None = None,
+    visible: Visible | None = None,
 ) -> torch.Tensor:
     """Dense float64 twin of :func:`replay_chunk_attention`'s output: ``[B, C, Hq, Dv]`` float64."""
     b, hq, c, d = query.shape
@@ -209,8 +288,7 @@ def replay_chunk_attention_reference(
     s = torch.matmul(query.double(), k.transpose(-1, -2)) * scaling
     if softcap is not None:
         s = torch.tanh(s / softcap) * softcap
-    pos = torch.arange(context_len + c, device=query.device)
-    allowed = pos[None, :] <= (context_len + torch.arange(c, device=query.device))[:, None]
+    allowed = _allowed(context_len, c, visible, query.device)
     p = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1)
     return torch.matmul(p, v).transpose(1, 2)
 
@@ -271,18 +349,32 @@ def replay_chunk_scores_reference(
     *,
     scaling: float,
     softcap: float | None = None,
+    visible: Visible | None = None,
 ) -> torch.Tensor:
-    """Dense float64 twin of :func:`replay_chunk_scores` (one softmax over the whole key row)."""
+    """Dense float64 twin of :func:`replay_chunk_scores` (one softmax over the whole key row).
+
+    With ``visible`` the row is masked to the visible keys; the others score 0.
+    """
     b, hq, c, d = query.shape
     hkv = keys.shape[1]
     k = keys.double().repeat_interleave(hq // hkv, dim=1)  # [B, Hq, L + C, D]
     s = torch.matmul(query.double(), k.transpose(-1, -2)) * scaling
     if softcap is not None:
         s = torch.tanh(s / softcap) * softcap
-    pos = torch.arange(context_len + c, device=query.device)
-    allowed = pos[None, :] <= (context_len + torch.arange(c, device=query.device))[:, None]  # [C, L + C]
+    allowed = _allowed(context_len, c, visible, query.device)  # [C, L + C]
     p = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1)[..., :context_len]
     return p.amax(dim=-2).view(b, hkv, hq // hkv, context_len).amax(dim=2)
+
+
+def _allowed(context_len: int, c: int, visible: Visible | None, device: torch.device) -> torch.Tensor:
+    """``[C, L + C]`` bool: the replay's causal mask, context keys limited to ``visible``."""
+    pos = torch.arange(context_len + c, device=device)
+    allowed = pos[None, :] <= (context_len + torch.arange(c, device=device))[:, None]
+    if visible is not None:
+        sink_end, lo, hi = visible
+        ctx = pos < context_len
+        allowed &= ~ctx | (pos < sink_end) | (pos >= lo) & (pos < hi)
+    return allowed
 
 
 def replay_chunks(context_len: int, chunk: int) -> list[tuple[int, int]]:

@@ -5,7 +5,9 @@ without materializing the chunk's ``R x K`` logits. The chunk's ``C`` queries si
 ``L .. L + C - 1`` after a context of ``L`` keys; query ``i`` sees every context key and the
 chunk's own keys ``<= L + i``. The ``G`` query heads of one KV head are stacked along the rows
 (``G * C`` rows, row ``r`` is head ``r // C``, chunk position ``r % C``), so a key block is
-loaded once for the whole group. Two launches:
+loaded once for the whole group. A span-limited replay (``visible = (sink_end, lo, hi)``) sees
+only the context keys ``[0, sink_end)`` and ``[lo, hi)``: both passes skip every other key
+block, so a chunk costs ``O(C * (sink_end + hi - lo + C))``, not ``O(C * L)``. Two launches:
 
 1. ``_replay_lse_kernel``: each row's log-sum-exp over every key it sees (online softmax over
    key blocks, flash style). With ``values`` it also accumulates ``softmax @ V``: the chunk's
@@ -35,15 +37,44 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _lse_block(q, m, lsum, acc, k_ptr, v_ptr, b, hkv, keys_n, in_range, q_pos, D, DV, sk_b, sk_h, sk_l,
+               sv_b, sv_h, sv_l, offs_d, offs_dv, scale, softcap,
+               HAS_SOFTCAP: tl.constexpr, CAST_F32: tl.constexpr, IEEE: tl.constexpr, WITH_OUTPUT: tl.constexpr):
+    """One key block of the online softmax: ``(m, lsum, acc)`` updated with keys ``keys_n``."""
+    kt = _load_keys_t(k_ptr, b, hkv, keys_n, in_range, D, sk_b, sk_h, sk_l, offs_d, CAST_F32)
+    s = _logits_log2(q, kt, scale, softcap, HAS_SOFTCAP, IEEE)  # [BLOCK_M, BLOCK_N]
+    s = tl.where(in_range[None, :] & (keys_n[None, :] <= q_pos[:, None]), s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet
+    alpha = tl.exp2(m - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    lsum = lsum * alpha + tl.sum(p, 1)
+    if WITH_OUTPUT:
+        vb = v_ptr + b.to(tl.int64) * sv_b + hkv.to(tl.int64) * sv_h
+        v = tl.load(vb + keys_n[:, None].to(tl.int64) * sv_l + offs_dv[None, :],
+                    mask=in_range[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        if CAST_F32:
+            pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+    return m_new, lsum, acc
+
+
+@triton.jit
 def _replay_lse_kernel(
     q_ptr, k_ptr, v_ptr, lse_ptr, o_ptr,
-    L, C, G, Hkv, D, DV, n_rows,
+    L, C, G, Hkv, D, DV, n_rows, sink_end, lo, hi,
     sq_b, sq_h, sq_c, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, so_b, so_h, so_c,
     scale, softcap,
     HAS_SOFTCAP: tl.constexpr, CAST_F32: tl.constexpr, IEEE: tl.constexpr, WITH_OUTPUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):  # fmt: skip
-    """Pass 1: base-2 log-sum-exp of each stacked row over its visible keys (and the output)."""
+    """Pass 1: base-2 log-sum-exp of each stacked row over its visible keys (and the output).
+
+    Visible: context keys ``[0, sink_end)`` and ``[lo, hi)`` (``0, 0, L`` for the exact replay),
+    then the chunk's own keys up to the row's position; other key blocks are never loaded.
+    """
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     bh = tl.program_id(1)
     b = bh // Hkv
@@ -58,27 +89,21 @@ def _replay_lse_kernel(
     lsum = tl.zeros([BLOCK_M], tl.float32)
     offs_dv = tl.arange(0, BLOCK_DV)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    for start in range(0, total, BLOCK_N):
+    for start in range(0, sink_end, BLOCK_N):  # the sink
         keys_n = start + offs_n
-        in_range = keys_n < total
-        kt = _load_keys_t(k_ptr, b, hkv, keys_n, in_range, D, sk_b, sk_h, sk_l, offs_d, CAST_F32)
-        s = _logits_log2(q, kt, scale, softcap, HAS_SOFTCAP, IEEE)  # [BLOCK_M, BLOCK_N]
-        s = tl.where(in_range[None, :] & (keys_n[None, :] <= q_pos[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet
-        alpha = tl.exp2(m - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        lsum = lsum * alpha + tl.sum(p, 1)
-        if WITH_OUTPUT:
-            vb = v_ptr + b.to(tl.int64) * sv_b + hkv.to(tl.int64) * sv_h
-            v = tl.load(vb + keys_n[:, None].to(tl.int64) * sv_l + offs_dv[None, :],
-                        mask=in_range[:, None] & (offs_dv[None, :] < DV), other=0.0)
-            if CAST_F32:
-                pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
-        m = m_new
+        m, lsum, acc = _lse_block(q, m, lsum, acc, k_ptr, v_ptr, b, hkv, keys_n, keys_n < sink_end, q_pos, D, DV,
+                                  sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, offs_d, offs_dv, scale, softcap,
+                                  HAS_SOFTCAP, CAST_F32, IEEE, WITH_OUTPUT)
+    for start in range(lo, hi, BLOCK_N):  # the window (the whole context when exact)
+        keys_n = start + offs_n
+        m, lsum, acc = _lse_block(q, m, lsum, acc, k_ptr, v_ptr, b, hkv, keys_n, keys_n < hi, q_pos, D, DV,
+                                  sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, offs_d, offs_dv, scale, softcap,
+                                  HAS_SOFTCAP, CAST_F32, IEEE, WITH_OUTPUT)
+    for start in range(L, total, BLOCK_N):  # the chunk's own keys, causal
+        keys_n = start + offs_n
+        m, lsum, acc = _lse_block(q, m, lsum, acc, k_ptr, v_ptr, b, hkv, keys_n, keys_n < total, q_pos, D, DV,
+                                  sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, offs_d, offs_dv, scale, softcap,
+                                  HAS_SOFTCAP, CAST_F32, IEEE, WITH_OUTPUT)
     # Every row sees at least its own key, so lsum > 0 for rows in range.
     lsum_safe = tl.where(lsum > 0, lsum, 1.0)
     tl.store(lse_ptr + bh.to(tl.int64) * n_rows + rows, m + tl.log2(lsum_safe), mask=row_ok)
@@ -92,19 +117,26 @@ def _replay_lse_kernel(
 @triton.jit
 def _replay_max_kernel(
     q_ptr, k_ptr, lse_ptr, out_ptr,
-    L, C, G, Hkv, D, n_rows,
+    L, C, G, Hkv, D, n_rows, sink_end, lo, hi,
     sq_b, sq_h, sq_c, sk_b, sk_h, sk_l, so_b, so_h,
     scale, softcap,
     HAS_SOFTCAP: tl.constexpr, CAST_F32: tl.constexpr, IEEE: tl.constexpr, ACCUMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """Pass 2: per context key block, the max over stacked rows of ``exp2(s - lse)``."""
-    keys_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    """Pass 2: per visible context key block, the max over stacked rows of ``exp2(s - lse)``.
+
+    Programs ``0 .. cdiv(sink_end, BLOCK_N) - 1`` take the sink, the rest the window ``[lo, hi)``.
+    """
+    pid = tl.program_id(0)
+    n_sink = tl.cdiv(sink_end, BLOCK_N)
+    in_sink = pid < n_sink
+    first = tl.where(in_sink, pid * BLOCK_N, lo + (pid - n_sink) * BLOCK_N)
+    keys_n = first + tl.arange(0, BLOCK_N)
     bh = tl.program_id(1)
     b = bh // Hkv
     hkv = bh % Hkv
     offs_d = tl.arange(0, BLOCK_D)
-    in_range = keys_n < L  # context keys only: every replay query sees all of them
+    in_range = keys_n < tl.where(in_sink, sink_end, hi)  # context keys only: every replay query sees them
     kt = _load_keys_t(k_ptr, b, hkv, keys_n, in_range, D, sk_b, sk_h, sk_l, offs_d, CAST_F32)
     best = tl.full([BLOCK_N], float("-inf"), tl.float32)
     for r0 in range(0, n_rows, BLOCK_M):
@@ -127,7 +159,8 @@ def _block(n: int, lo: int, hi: int) -> int:
 
 
 def _check(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor | None, context_len: int,
-           softcap: float | None, out: torch.Tensor | None, accumulate: bool) -> None:
+           softcap: float | None, out: torch.Tensor | None, accumulate: bool,
+           visible: tuple[int, int, int] | None) -> None:
     """Raise ValueError naming the first input the kernel cannot take."""
     named = [("query", query), ("keys", keys)] + ([("values", values)] if values is not None else [])
     for name, t in named:
@@ -166,6 +199,12 @@ def _check(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor | None,
             raise ValueError(f"out must be contiguous along the sequence, got strides {out.stride()}")
     elif accumulate:
         raise ValueError("accumulate=True needs out (the scores of earlier chunks to max into)")
+    if visible is not None:
+        if len(visible) != 3 or any(isinstance(v, bool) or not isinstance(v, int) for v in visible):
+            raise ValueError(f"visible must be three integers (sink_end, lo, hi), got {visible!r}")
+        if not 0 <= visible[0] <= visible[1] <= visible[2] <= context_len:
+            raise ValueError(f"visible must satisfy 0 <= sink_end <= lo <= hi <= context_len ({context_len}), "
+                             f"got {visible}")
     if query.device.type != "cuda" and not _is_interpreted():
         raise ValueError(f"query is on {query.device}; the replay kernel needs CUDA (or TRITON_INTERPRET=1)")
 
@@ -183,6 +222,7 @@ def replay_attention_scores_triton(
     fp32_logits: bool = False,
     block_m: int | None = None,
     block_n: int | None = None,
+    visible: tuple[int, int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Replay scores of one chunk by the Triton kernel, and optionally the chunk's attention output.
 
@@ -202,6 +242,10 @@ def replay_attention_scores_triton(
         fp32_logits: upcast half-precision inputs to fp32 (IEEE products) instead of the
             native half dot with fp32 accumulation.
         block_m, block_n: tile sizes (powers of two >= 16; defaults suit an H100/H200).
+        visible: ``(sink_end, lo, hi)``: the queries see only the context keys ``[0, sink_end)``
+            and ``[lo, hi)`` (span-limited replay, :func:`snapkv.core.replay.span_visible`);
+            key blocks outside are skipped, so the cost follows ``sink_end + hi - lo``, not
+            ``L``. Keys outside score 0 (or keep ``out`` when accumulating). None: all (exact).
 
     Returns:
         ``(scores, attn_output)``: ``[B, Hkv, L]`` fp32, and ``[B, C, Hq, Dv]`` in the query's
@@ -213,22 +257,28 @@ def replay_attention_scores_triton(
     for name, blk in (("block_m", block_m), ("block_n", block_n)):
         if blk is not None and (isinstance(blk, bool) or not isinstance(blk, int) or blk < 16 or blk & (blk - 1)):
             raise ValueError(f"{name} must be a power of two >= 16, got {blk!r}")
-    _check(query, keys, values, context_len, softcap, out, accumulate)
+    _check(query, keys, values, context_len, softcap, out, accumulate, visible)
     with on_device(same_device(query=query, keys=keys, values=values, out=out)):
         return _launch(query, keys, values, context_len, float(scaling), softcap, out, accumulate, fp32_logits,
-                       block_m, block_n)
+                       block_m, block_n, visible or (0, 0, context_len))
 
 
 def _launch(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor | None, context_len: int,
             scaling: float, softcap: float | None, out: torch.Tensor | None, accumulate: bool,
-            fp32_logits: bool, block_m: int | None, block_n: int | None
+            fp32_logits: bool, block_m: int | None, block_n: int | None, visible: tuple[int, int, int]
             ) -> tuple[torch.Tensor, torch.Tensor | None]:
     b, hq, c, d = query.shape
     hkv = keys.shape[1]
     g = hq // hkv
     n_rows = g * c
+    sink_end, lo, hi = visible
+    partial = sink_end + hi - lo < context_len  # some keys get no vote from this chunk
     if out is None:
         out = torch.empty((b, hkv, context_len), dtype=torch.float32, device=keys.device)
+        if partial:
+            out.zero_()
+    elif partial and not accumulate:
+        out.zero_()
     # Same half dtype: native tensor-core dot with fp32 accumulation. Otherwise fp32 with an
     # IEEE dot. The interpreter keeps bf16 as raw uint16 bits, so interpreted runs always cast.
     same_half = query.dtype == keys.dtype and query.dtype != torch.float32
@@ -257,17 +307,18 @@ def _launch(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor | None
     bm1 = min(bm1, _block(n_rows, 16, bm1))
     _replay_lse_kernel[(triton.cdiv(n_rows, bm1), b * hkv)](
         query, keys, values if values is not None else lse, lse, attn if attn is not None else lse,
-        context_len, c, g, hkv, d, dv, n_rows,
+        context_len, c, g, hkv, d, dv, n_rows, sink_end, lo, hi,
         *sq, *sk, *sv, *so, scaling, cap,
         WITH_OUTPUT=values is not None, BLOCK_M=bm1, BLOCK_N=bn1, BLOCK_DV=block_dv, num_warps=num_warps, **flags,
     )  # fmt: skip
-    if context_len:
+    bn2 = block_n or (64 if f32 or wide else 128)
+    n_blocks = triton.cdiv(sink_end, bn2) + triton.cdiv(hi - lo, bn2)  # visible context key blocks
+    if n_blocks:
         bm2 = block_m or (32 if f32 or wide else 64)
         bm2 = min(bm2, _block(n_rows, 16, bm2))
-        bn2 = block_n or (64 if f32 or wide else 128)
-        _replay_max_kernel[(triton.cdiv(context_len, bn2), b * hkv)](
+        _replay_max_kernel[(n_blocks, b * hkv)](
             query, keys, lse, out,
-            context_len, c, g, hkv, d, n_rows,
+            context_len, c, g, hkv, d, n_rows, sink_end, lo, hi,
             *sq, *sk, out.stride(0), out.stride(1), scaling, cap,
             ACCUMULATE=accumulate, BLOCK_M=bm2, BLOCK_N=bn2, num_warps=num_warps, **flags,
         )  # fmt: skip

@@ -16,6 +16,14 @@ mask or logits anywhere); otherwise the model's own backend gives the output and
 are computed beside it (``attention="backend"``). The scores
 then select per head like SnapKV's votes (:class:`KVzip` through
 :meth:`SnapKVSession.derive`), so the compressed context serves any later question.
+
+Exact replay costs more than the prefill by construction (every replay query sees all ``L``
+context keys, and the scores need a second ``q.k`` pass). ``span=S`` approximates it in time
+linear in ``L``: the replay of context chunk ``[a, b)`` attends only to the first ``sink``
+context tokens and to ``[a - S, b + S)`` (where the copy attention of the replayed text
+sits), plus its own tokens; a key's score is the max over the chunks that see it, each
+normalised over its visible keys. The kernel skips the other key blocks; the ``backend``
+path hands the model's attention the visible keys only.
 """
 
 from __future__ import annotations
@@ -37,12 +45,19 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from snapkv.cache.compressed import SnapKVCache
 from snapkv.config import SnapKVConfig
 from snapkv.core.replay import (
+    DEFAULT_SINK,
     PRECISIONS,
     SCORE_BACKENDS,
+    Visible,
+    check_visible,
     replay_chunk_attention,
     replay_chunk_scores,
     replay_chunks,
     resolve_score_backend,
+    scatter_max,
+    span_visible,
+    visible_keys,
+    visible_positions,
 )
 from snapkv.core.scoring import pool_votes
 from snapkv.integration.hf import cache_argument, model_backend
@@ -156,6 +171,7 @@ class _Recorder:
         self.backend, self.key_block, self.precision, self.max_logits = backend, key_block, precision, max_logits
         self.score_backend, self.fused = score_backend, fused
         self.context_len: int | None = None  # None: pass through (the context prefill)
+        self.visible: Visible | None = None  # the current chunk's visible context keys (None: all)
         self.scores: dict[int, torch.Tensor] = {}
 
     def __call__(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -169,14 +185,40 @@ class _Recorder:
                 raise ValueError("attention='kernel' computes plain causal attention only; this layer has a "
                                  "padding mask, sliding window, sinks or dropout: use attention='backend'")
             s, out = replay_chunk_attention(query, key, value, self.context_len, scaling=scaling, softcap=softcap,
-                                            precision=self.precision, out=old)
+                                            precision=self.precision, out=old, visible=self.visible)
             self.scores[module.layer_idx] = s
             return out, None
+        if self.context_len is not None and self.visible is not None:
+            return self._span_backend(module, query, key, value, attention_mask, old, **kwargs)
         out = _backend_function(self.backend, module)(module, query, key, value, attention_mask, **kwargs)
         if self.context_len is not None:
             self.scores[module.layer_idx] = replay_chunk_scores(
                 query, key, self.context_len, scaling=scaling, softcap=softcap, key_block=self.key_block,
                 precision=self.precision, max_logits=self.max_logits, backend=self.score_backend, out=old)
+        return out
+
+
+    def _span_backend(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, old: torch.Tensor | None, **kwargs: Any) -> Any:
+        """Span-limited replay through the backend: it sees the visible keys only (sliced), scores beside it."""
+        length, vis = self.context_len, self.visible
+        assert length is not None and vis is not None
+        k, v = visible_keys(key, length, vis), visible_keys(value, length, vis)
+        if attention_mask is not None:  # the mask's key columns, sliced the same way
+            if attention_mask.shape[-1] != key.shape[-2]:
+                raise ValueError(f"the attention mask covers {attention_mask.shape[-1]} keys, the layer holds "
+                                 f"{key.shape[-2]}: a span-limited replay cannot slice it")
+            idx = torch.cat([visible_positions(length, vis, key.device),
+                             torch.arange(length, key.shape[-2], device=key.device)])
+            attention_mask = attention_mask.index_select(-1, idx)
+        out = _backend_function(self.backend, module)(module, query, k, v, attention_mask, **kwargs)
+        n = k.shape[-2] - (key.shape[-2] - length)  # visible context keys
+        s = replay_chunk_scores(query, k, n, scaling=kwargs.get("scaling", module.scaling),
+                                softcap=kwargs.get("softcap"), key_block=self.key_block, precision=self.precision,
+                                max_logits=self.max_logits, backend=self.score_backend)
+        if old is None:
+            old = torch.zeros((key.shape[0], key.shape[1], length), device=key.device)
+        self.scores[module.layer_idx] = scatter_max(old, s, vis)
         return out
 
 
@@ -245,6 +287,15 @@ def replay_inputs(context_ids: Sequence[int], prompt_ids: Sequence[int], chunk: 
             for s, e in replay_chunks(len(ctx), chunk)]
 
 
+def _check_span(span: int | None, sink: int) -> None:
+    if span is not None and (isinstance(span, bool) or not isinstance(span, int) or span < 0):
+        raise ValueError(f"span must be None (exact replay) or an integer >= 0 (context tokens either side "
+                         f"of a chunk its replay sees), got {span!r}")
+    if isinstance(sink, bool) or not isinstance(sink, int) or sink < 0:
+        raise ValueError(f"sink must be an integer >= 0 (context tokens at the front every chunk sees), "
+                         f"got {sink!r}")
+
+
 def _check(context_ids: torch.Tensor, chunk: int, key_block: int) -> None:
     if context_ids.dim() != 2 or context_ids.shape[1] < 1:
         raise ValueError(f"context_ids must be [B, L] with L >= 1, got shape {tuple(context_ids.shape)}")
@@ -269,6 +320,8 @@ def kvzip_scores(
     max_logits: int = 1 << 26,
     score_backend: str = "auto",
     attention: str = "auto",
+    span: int | None = None,
+    sink: int = DEFAULT_SINK,
 ) -> list[torch.Tensor]:
     """Per layer ``[B, Hkv, L]`` fp32 replay scores of the context ``context_ids`` (``[B, L]``, no padding).
 
@@ -296,8 +349,16 @@ def kvzip_scores(
         attention: who computes the replay's attention output (:data:`ATTENTIONS`; ``auto``:
             the kernel when it scores and the backend is not eager). With the kernel nothing
             of size ``chunk x L`` is allocated (no mask, no logits).
+        span: None: exact replay (every replay query sees the whole context). An integer
+            ``S >= 0``: the replay of context chunk ``[a, b)`` sees only the context keys
+            ``[0, sink)`` and ``[a - S, b + S)`` (clipped to the context), plus its own; a key's
+            score is the max over the chunks that see it (approximate, linear in ``L``;
+            ``S >= L`` is the exact replay).
+        sink: context tokens at the front every span-limited chunk sees
+            (:data:`~snapkv.core.replay.DEFAULT_SINK`; ignored when ``span`` is None).
     """
     _check(context_ids, chunk, key_block)
+    _check_span(span, sink)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if score_backend not in SCORE_BACKENDS:
@@ -318,8 +379,11 @@ def kvzip_scores(
             model(input_ids=context_ids, position_ids=pos, use_cache=True, logits_to_keep=1,
                   **_cache_kwarg(model, cache))
         rec.context_len = length
+        spans = replay_chunks(length, chunk)
         try:
             for i in range(len(rows[0])):
+                if span is not None:
+                    rec.visible = check_visible(span_visible(length, *spans[i], span, sink), length)
                 ids = torch.tensor([r[i] for r in rows], device=device)  # [B, n]
                 pos = torch.arange(length, length + ids.shape[1], device=device)[None].expand(b, -1)
                 model(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=1,
@@ -335,13 +399,16 @@ def kvzip_scores(
 
 @torch.no_grad()
 def kvzip_scores_reference(
-    model: torch.nn.Module, context_ids: torch.Tensor, prompt_ids: Sequence[int], *, chunk: int, overlap: int = 8
+    model: torch.nn.Module, context_ids: torch.Tensor, prompt_ids: Sequence[int], *, chunk: int, overlap: int = 8,
+    span: int | None = None, sink: int = DEFAULT_SINK,
 ) -> list[torch.Tensor]:
     """Dense twin of :func:`kvzip_scores`: one forward of the context and every replay input.
 
-    The mask lets each replay input see the context and itself only; positions restart at
-    ``L`` for each. Needs eager attention (``output_attentions``); run it in float64.
+    The mask lets each replay input see the context (with ``span``: its visible part) and
+    itself only; positions restart at ``L`` for each. Needs eager attention
+    (``output_attentions``); run it in float64.
     """
+    _check_span(span, sink)
     b, length = context_ids.shape
     inputs = [replay_inputs(r.tolist(), prompt_ids, chunk, overlap) for r in context_ids]
     ids = torch.cat([context_ids, torch.tensor([sum(r, []) for r in inputs])], dim=1)
@@ -351,8 +418,13 @@ def kvzip_scores_reference(
     allowed[:length, :length] = torch.ones(length, length, dtype=torch.bool).tril()
     pos = list(range(length))
     start = length
-    for n in sizes:
-        allowed[start : start + n, :length] = True
+    for n, (a, e) in zip(sizes, replay_chunks(length, chunk), strict=True):
+        if span is None:
+            allowed[start : start + n, :length] = True
+        else:
+            sink_end, lo, hi = span_visible(length, a, e, span, sink)
+            allowed[start : start + n, :sink_end] = True
+            allowed[start : start + n, lo:hi] = True
         allowed[start : start + n, start : start + n] = torch.ones(n, n, dtype=torch.bool).tril()
         pos += list(range(length, length + n))
         start += n
@@ -383,6 +455,11 @@ class KVzip(Method):
             :func:`kvzip_scores`).
         kernel: odd max-pooling width over the sequence applied to the scores (default 1:
             none; SnapKV's pooling, which keeps digit-per-token numbers whole).
+        span: None (default): exact replay. ``S >= 0``: span-limited replay, each chunk sees
+            the first ``sink`` context tokens and ``S`` tokens either side of its own (linear
+            in the context length; see :func:`kvzip_scores`).
+        sink: context tokens at the front every span-limited chunk sees (default
+            :data:`~snapkv.core.replay.DEFAULT_SINK`).
     """
 
     chunk: int = 2048
@@ -392,6 +469,8 @@ class KVzip(Method):
     kernel: int = 1
     score_backend: str = "auto"
     attention: str = "auto"
+    span: int | None = None
+    sink: int = DEFAULT_SINK
     fitted: int = -1  # which fit the scores come from (derive() memoizes by the repr)
     scores: list[torch.Tensor] | None = field(default=None, repr=False)
     name: str = "kvzip"
@@ -408,6 +487,7 @@ class KVzip(Method):
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
         if isinstance(self.kernel, bool) or not isinstance(self.kernel, int) or self.kernel < 1 or self.kernel % 2 == 0:
             raise ValueError(f"kernel must be an odd integer >= 1, got {self.kernel!r}")
+        _check_span(self.span, self.sink)
 
     def fit(self, model: torch.nn.Module, context_ids: torch.Tensor, prompt_ids: Sequence[int], *,
             cache: ReplayCache | None = None, backend: str | None = None) -> KVzip:
@@ -415,7 +495,7 @@ class KVzip(Method):
         self.scores = kvzip_scores(model, context_ids, prompt_ids, chunk=self.chunk, overlap=self.overlap,
                                    key_block=self.key_block, cache=cache, backend=backend,
                                    precision=self.precision, score_backend=self.score_backend,
-                                   attention=self.attention)
+                                   attention=self.attention, span=self.span, sink=self.sink)
         self.fitted = next(_ids)
         return self
 
@@ -470,8 +550,8 @@ def kvzip_context_cache(
     The capture is closed before returning (only the kept tokens stay alive). This is the
     adapter ``ContextCache(..., method=KVzip(...))`` and the server's document cache call.
 
-    ``method``: a :class:`KVzip` whose settings (chunk, overlap, key_block, precision, kernel)
-    replace the keyword ones; it is not modified (a fitted copy is returned).
+    ``method``: a :class:`KVzip` whose settings (chunk, overlap, key_block, precision, kernel,
+    span, sink) replace the keyword ones; it is not modified (a fitted copy is returned).
 
     Returns:
         ``(cache, method)``: the compressed cache and the fitted :class:`KVzip` (its scores).
