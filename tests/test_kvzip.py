@@ -9,7 +9,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from snapkv.cache.compressed import SnapKVCache
 from snapkv.config import SnapKVConfig
-from snapkv.core.replay import replay_chunk_scores, replay_chunk_scores_reference, replay_chunks
+from snapkv.core.replay import replay_chunk_scores, replay_chunk_scores_reference, replay_chunks, span_visible
 from snapkv.core.selection import select_topk
 from snapkv.eval.methods import METHODS, applies
 from snapkv.integration.hf import cache_argument
@@ -190,3 +190,106 @@ def test_eval_kvzip_reuse_mode_on_one_prefill():
     assert outs[0][0].derive_s > 5 * max(outs[1][0].derive_s, outs[3][0].derive_s)  # one replay, shared
     with pytest.raises(ValueError, match="all full attention"):
         list(evaluate_sample(tiny_gemma3(), codec, sample, settings[:1], window=8, max_new_tokens=3))
+
+
+# ---------------------------------------------------------------------------------------------
+# Span-limited replay (KVzip(span=...)): each chunk sees the sink and span tokens either side.
+
+
+@pytest.mark.parametrize(("family", "length", "chunk", "overlap", "span", "sink"), [
+    ("llama", 53, 9, 2, 5, 3), ("qwen3", 41, 8, 0, 0, 0), ("mistral", 37, 10, 3, 12, 40)])
+def test_span_scores_match_dense_float64_replay(family, length, chunk, overlap, span, sink):
+    """Sliced-key replay (sdpa, fp64) == one eager forward whose block mask hides the far context."""
+    fast_model = tiny_model(family, "sdpa").double()
+    ref_model = tiny_model(family, "eager").double()
+    ids = torch.randint(3, 256, (2, length), generator=torch.Generator().manual_seed(length))
+    kw = dict(chunk=chunk, overlap=overlap, span=span, sink=sink)
+    got = kvzip_scores(fast_model, ids, PROMPT, key_block=8, max_logits=0, **kw)
+    ref = kvzip_scores_reference(ref_model, ids, PROMPT, **kw)
+    exact = kvzip_scores(fast_model, ids, PROMPT, chunk=chunk, overlap=overlap)
+    for g, r in zip(got, ref, strict=True):
+        torch.testing.assert_close(g.double(), r, atol=5e-6, rtol=1e-5)
+    # Hiding keys changes the scores (the test would pass vacuously if span were ignored).
+    assert max(float((g - e).abs().max()) for g, e in zip(got, exact, strict=True)) > 1e-2
+
+
+def test_span_at_least_context_is_exact_kvzip():
+    model = tiny_model("llama", "sdpa")
+    ids = torch.randint(3, 256, (1, 45), generator=torch.Generator().manual_seed(7))
+    exact = KVzip(chunk=10).fit(model, ids, PROMPT).scores
+    for span in (45, 1000):
+        got = KVzip(chunk=10, span=span, sink=4).fit(model, ids, PROMPT).scores
+        for g, e in zip(got, exact, strict=True):
+            assert torch.equal(g, e)
+    # One token short of the context: the first chunk no longer sees the last key.
+    short = KVzip(chunk=10, span=34, sink=0).fit(model, ids, PROMPT).scores
+    assert not all(torch.equal(g, e) for g, e in zip(short, exact, strict=True))
+
+
+def test_span_far_key_gets_no_vote_and_the_rest_renormalise():
+    """A far key the query cannot see scores 0; visible keys get their exact probability / visible mass."""
+    d, length = 8, 30
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 1, 1, d, generator=gen)
+    k = torch.randn(1, 1, length + 1, d, generator=gen) * 0.3
+    k[0, 0, 2] = q[0, 0, 0] * 3  # a far key the query attends to strongly
+    visible = span_visible(length, 20, 24, 3, sink=0)  # chunk [20, 24): sees [17, 27) only
+    assert visible == (0, 17, 27)
+    exact = replay_chunk_scores(q, k, length, scaling=1.0)
+    span = replay_chunk_scores(q, k, length, scaling=1.0, visible=visible)
+    assert exact[0, 0, 2] > 0.5 and span[0, 0, 2] == 0  # no vote from a query that cannot see it
+    assert torch.count_nonzero(span[0, 0, :17]) == 0 and torch.count_nonzero(span[0, 0, 27:]) == 0
+    p = torch.softmax(torch.einsum("d,nd->n", q[0, 0, 0].double(), k[0, 0].double()), 0)
+    mass = p[17:27].sum() + p[length]  # visible context keys and the chunk's own key
+    torch.testing.assert_close(span[0, 0, 17:27].double(), p[17:27] / mass, rtol=1e-5, atol=1e-7)
+    # With a sink the front keys are visible again: key 2 gets its (renormalised) vote back.
+    with_sink = replay_chunk_scores(q, k, length, scaling=1.0, visible=span_visible(length, 20, 24, 3, sink=4))
+    mass = p[:4].sum() + p[17:27].sum() + p[length]
+    torch.testing.assert_close(with_sink[0, 0, 2].double(), p[2] / mass, rtol=1e-5, atol=1e-7)
+    # The dense twin agrees; a running max keeps what earlier chunks gave the hidden keys.
+    torch.testing.assert_close(span.double(), replay_chunk_scores_reference(q, k, length, scaling=1.0,
+                                                                            visible=visible))
+    prior = torch.full((1, 1, length), 0.01)
+    acc = replay_chunk_scores(q, k, length, scaling=1.0, visible=visible, out=prior.clone())
+    assert torch.equal(acc[0, 0, :17], prior[0, 0, :17])
+    torch.testing.assert_close(acc, torch.maximum(span, prior))
+
+
+def test_span_arguments_raise_before_model_work():
+    model = tiny_model("llama", "sdpa")
+    ids = torch.randint(3, 256, (1, 10))
+    for kw, name in ((dict(span=-1), "span"), (dict(span=True), "span"), (dict(span=2.0), "span"),
+                     (dict(sink=-1), "sink"), (dict(span=4, sink=None), "sink")):
+        with pytest.raises(ValueError, match=f"{name} must be"):
+            KVzip(**kw)
+        with pytest.raises(ValueError, match=f"{name} must be"):
+            kvzip_scores(model, ids, PROMPT, **kw)
+    q, k = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 13, 8)
+    for bad in ((0, 5, 4), (3, 2, 6), (0, 0, 11), (0, 1)):
+        with pytest.raises(ValueError, match="visible must"):
+            replay_chunk_scores(q, k, 10, scaling=1.0, visible=bad)
+    with pytest.raises(ValueError, match="chunk"):
+        span_visible(10, 4, 12, 2)
+
+
+def test_eval_kvzip_span_does_not_share_the_exact_replay():
+    """fit_replay shares one replay between variants of the same replay only: span is part of it."""
+    from snapkv.eval.methods import fit_replay
+
+    assert METHODS["kvzip-span"].replay and METHODS["kvzip-span"].make().span is not None
+    model = tiny_model("llama", "sdpa")
+    length = 40
+    ids = torch.randint(3, 256, (1, length), generator=torch.Generator().manual_seed(5))
+
+    class Codec:
+        tail: tuple[int, ...] = (9,)
+
+        def encode(self, text: str) -> list[int]:
+            return [5, 6, 7]
+
+    with torch.no_grad(), SnapKVCache(model, SnapKVConfig(budget=8, window=2), capture=True) as source:
+        model(input_ids=ids, **{cache_argument(model): source})
+        methods: dict = {}
+        fit_replay(model, methods, "kvzip", source.captured, ids[0].tolist(), Codec())
+        fit_replay(model, methods, "kvzip-span", source.captured, ids[0].tolist(), Codec())
+        assert methods["kvzip-span"].scores is not methods["kvzip"].scores

@@ -168,6 +168,11 @@ MODEL_CASES = [
     dict(name="model_llama_kernel_attention", family="llama", attention="kernel", length=29, chunk=10, overlap=3),
     dict(name="model_qwen3_kernel_attention", family="qwen3", attention="kernel", length=23, chunk=23, overlap=0),
     dict(name="model_llama_backend_attention", family="llama", attention="backend", length=21, chunk=8, overlap=2),
+    # Span-limited replay: the kernel skips key blocks; the backend twin gets the visible keys sliced.
+    dict(name="model_llama_kernel_attention_span", family="llama", attention="kernel", length=47, chunk=8,
+         overlap=2, span=6, sink=3),
+    dict(name="model_qwen3_backend_attention_span", family="qwen3", attention="backend", length=40, chunk=7,
+         overlap=1, span=4, sink=0),
 ]
 
 
@@ -178,7 +183,7 @@ def run_model_case(case: dict[str, Any], seed: int) -> dict[str, Any]:
 
     model = tiny_model(case["family"], "sdpa")
     ids = torch.randint(3, 256, (2, case["length"]), generator=torch.Generator().manual_seed(seed))
-    kw = dict(chunk=case["chunk"], overlap=case["overlap"])
+    kw = dict(chunk=case["chunk"], overlap=case["overlap"], span=case.get("span"), sink=case.get("sink", 0))
     got = kvzip_scores(model, ids, [5, 6, 7, 8], score_backend="triton", attention=case["attention"], **kw)
     twin = kvzip_scores(model, ids, [5, 6, 7, 8], score_backend="torch", attention="backend", **kw)
     dense = kvzip_scores_reference(tiny_model(case["family"], "eager").double(), ids, [5, 6, 7, 8], **kw)

@@ -60,6 +60,9 @@ METHODS: dict[str, EvalMethod] = {
     "kvzip": EvalMethod("kvzip", lambda: KVzip(chunk=512), replay=True),
     # The same replay scores max-pooled over 31 positions, as snapkv-k31 pools its votes.
     "kvzip-k31": EvalMethod("kvzip-k31", lambda: KVzip(chunk=512, kernel=31), replay=True),
+    # Span-limited replay (linear in the context): each 512-token chunk sees the first 32 context
+    # tokens and 512 tokens either side of its own, not the whole context.
+    "kvzip-span": EvalMethod("kvzip-span", lambda: KVzip(chunk=512, span=512), replay=True),
 }
 
 #: Where :func:`fit_replay` keeps the last replay of a prefill, for variants that share it.
@@ -129,8 +132,8 @@ def fit_replay(model: torch.nn.Module, methods: dict[str, Method], method: str, 
         return
     kvzip = m.make()
     done = methods.get(REPLAY_KEY)
-    if done is not None and (done.chunk, done.overlap, done.precision) == (kvzip.chunk, kvzip.overlap,
-                                                                           kvzip.precision):
+    if done is not None and (done.chunk, done.overlap, done.precision, done.span, done.sink) == (
+            kvzip.chunk, kvzip.overlap, kvzip.precision, kvzip.span, kvzip.sink):
         methods[m.scorer] = dataclasses.replace(kvzip, scores=done.scores, fitted=done.fitted)  # one replay
         return
     prompt = list(codec.encode(DEFAULT_REPLAY_PROMPT)) + list(codec.tail)
