@@ -12,19 +12,26 @@ Per prompt length, on the same random prompt:
   run: the model's attention plus kernel scores (``kvzip_backend_attention``) and the torch
   scores of before (``kvzip_torch_scores``).
 
+* ``kvzip_span``: the same with the span-limited replay (``--span S``: each 2K replay chunk sees
+  the first ``--sink`` context tokens and ``S`` tokens either side of its own; the kernel skips
+  every other key block), linear in the length. Exact ``kvzip`` runs only up to
+  ``--exact-max-tokens`` (its 128K point costs about a minute and was measured before).
+
 Before timing, on CUDA, ``kernel_check`` compares the kernel with the torch twin on a real-size
 slice (32 query / 8 KV heads of 128, a 2K chunk against up to 32K keys, bf16): max abs
 difference of the scores and of the attention output; ``kernel_timing`` times one such chunk
 against 32K keys (the kernel with and without the output, a few tile sizes, and torch's sdpa
-of the same shape for reference, in ms and TFLOP/s). Lengths that would not fit the free
+of the same shape for reference, in ms and TFLOP/s); ``span_check`` repeats the check with a
+span-limited window (sink and ``[lo, hi)`` of a 16K context) and ``span_kernel_timing`` times one
+fused chunk exact and span-limited at 32K and 128K context keys. Lengths that would not fit the free
 GPU memory (estimated by :func:`estimate_peak_bytes`) are shrunk to the largest multiple of
 8192 that does (recorded as ``requested_tokens``).
 
-GPU (Llama-3-8B shape, random bf16 weights; about 3-4 minutes on an H200; the gpu_suite stage
+GPU (Llama-3-8B shape, random bf16 weights; about 3 minutes on an H200; the gpu_suite stage
 ``kvzip``)::
 
     PYTHONPATH=src python scripts/bench_kvzip.py --model llama3-8b --device cuda \\
-        --lengths 32768,131072 --out $OUT/kvzip/kvzip.json
+        --lengths 32768,131072 --span 2048 --exact-max-tokens 32768 --out $OUT/kvzip/kvzip.json
 
 Memory estimate only (no model run; any device)::
 
@@ -48,7 +55,14 @@ import torch
 
 from snapkv.cache.compressed import SnapKVCache
 from snapkv.config import SnapKVConfig
-from snapkv.core.replay import replay_chunk_attention, replay_chunk_scores
+from snapkv.core.replay import (
+    DEFAULT_SINK,
+    Visible,
+    replay_chunk_attention,
+    replay_chunk_scores,
+    replay_chunk_scores_reference,
+    span_visible,
+)
 from snapkv.core.selection import gather_positions, select_topk
 from snapkv.methods.kvzip import ReplayCache, kvzip_scores, replay_inputs, resolve_replay_backends
 
@@ -112,13 +126,16 @@ def estimate_peak_bytes(config: Any, length: int, chunk: int, prompt_len: int, p
             "peak": weights + kv + max(work, replay)}
 
 
-def flops_estimate(config: Any, length: int, chunk: int, prompt_len: int) -> dict[str, float]:
+def flops_estimate(config: Any, length: int, chunk: int, prompt_len: int, span: int | None = None,
+                   sink: int = DEFAULT_SINK) -> dict[str, float]:
     """FLOPs of SnapKV's prefill and of KVzip with the fused kernel (an estimate, not a measurement).
 
     Prefill: linear layers ``2 * params`` per token plus causal attention (QK and PV over half
     the ``L x L`` square). KVzip adds the replay: linear layers for ``L`` tokens plus prompt and
     overlap per chunk, the kernel's first pass (QK and PV of every replay query against all
     context keys: the full square, twice the prefill's causal half), its second pass (QK only).
+    With ``span``, each replay query sees at most ``sink + chunk + 2 * span`` context keys
+    instead of ``L`` (``kvzip_span``, ``span_ratio``).
     """
     layers, h, hq = config.num_hidden_layers, config.hidden_size, config.num_attention_heads
     hkv, inter = config.num_key_value_heads, config.intermediate_size
@@ -128,7 +145,13 @@ def flops_estimate(config: Any, length: int, chunk: int, prompt_len: int) -> dic
     replay_tokens = length + -(-length // chunk) * (prompt_len + 8)
     snapkv = per_token * length + square  # QK + PV on the causal half
     kvzip = snapkv + per_token * replay_tokens + 2 * square + square
-    return {"snapkv": snapkv, "kvzip": kvzip, "ratio": round(kvzip / snapkv, 2)}
+    out = {"snapkv": snapkv, "kvzip": kvzip, "ratio": round(kvzip / snapkv, 2)}
+    if span is not None:
+        seen = min(length, sink + chunk + 2 * span)
+        band = 2 * length * seen * hq * d * layers  # every replay query x its visible context keys
+        out["kvzip_span"] = snapkv + per_token * replay_tokens + 3 * band
+        out["span_ratio"] = round(out["kvzip_span"] / snapkv, 2)
+    return out
 
 
 def fit_length(config: Any, length: int, chunk: int, prompt_len: int, free: int, weights_loaded: bool) -> int:
@@ -146,8 +169,11 @@ def fit_length(config: Any, length: int, chunk: int, prompt_len: int, free: int,
 @torch.no_grad()
 def kvzip_prefill(model: torch.nn.Module, ids: torch.Tensor, prompt: list[int], budget: int, window: int,
                   chunk: int, precision: str, split: bool = False, score_backend: str = "auto",
-                  attention: str = "auto") -> dict[str, Any]:
-    """Seconds (prefill, replay, selection) and peak of KVzip's prefill + replay + compression."""
+                  attention: str = "auto", span: int | None = None, sink: int = DEFAULT_SINK) -> dict[str, Any]:
+    """Seconds (prefill, replay, selection) and peak of KVzip's prefill + replay + compression.
+
+    ``span``: the span-limited replay (:func:`kvzip_scores`), None: exact.
+    """
     device = ids.device
     length = ids.shape[1]
     longest = max(len(x) for x in replay_inputs(range(length), prompt, chunk, 8))
@@ -160,7 +186,7 @@ def kvzip_prefill(model: torch.nn.Module, ids: torch.Tensor, prompt: list[int], 
     _sync(device)
     t1 = time.perf_counter()
     scores = kvzip_scores(model, ids, prompt, chunk=chunk, cache=cache, precision=precision,
-                          score_backend=score_backend, attention=attention)
+                          score_backend=score_backend, attention=attention, span=span, sink=sink)
     _sync(device)
     t2 = time.perf_counter()
     kept = []
@@ -174,7 +200,8 @@ def kvzip_prefill(model: torch.nn.Module, ids: torch.Tensor, prompt: list[int], 
     unscored = replay_forwards(model, ids, prompt, chunk, cache) if split else None
     del cache, scores
     return {"prefill_s": round(t1 - t0, 3), "replay_s": round(t2 - t1, 3), "select_s": round(t3 - t2, 3),
-            "seconds": round(t3 - t0, 3), "peak_gib": peak, "chunk": chunk, "score_backend": ran[1],
+            "seconds": round(t3 - t0, 3), "peak_gib": peak, "chunk": chunk, "span": span,
+            "sink": None if span is None else sink, "score_backend": ran[1],
             "attention": "kernel" if ran[2] else f"backend ({ran[0]})",
             "replay_forwards_unscored_s": None if unscored is None else round(unscored, 3),
             "replay_forwards": len(replay_inputs(range(length), prompt, chunk, 8))}
@@ -215,13 +242,13 @@ def check_mixed(device: torch.device) -> dict[str, Any]:
 REAL_SLICE = (32, 8, 2048, 128)
 
 
-def check_kernel(device: torch.device, context: int, shape: tuple[int, int, int, int] = REAL_SLICE
-                 ) -> dict[str, Any]:
+def check_kernel(device: torch.device, context: int, shape: tuple[int, int, int, int] = REAL_SLICE,
+                 visible: Visible | None = None) -> dict[str, Any]:
     """The Triton kernel against the torch twin on a real-size slice (bf16 inputs).
 
     Scores: the kernel (native bf16 dots, fp32 accumulation), alone and with the attention
     output, against the torch twin with fp32 logits. Attention output: against fp32 sdpa with
-    the replay's causal mask.
+    the replay's causal mask. ``visible``: the span-limited replay (both sides limited to it).
     """
     gen = torch.Generator(device="cpu").manual_seed(0)
     hq, hkv, c, d = shape
@@ -229,15 +256,20 @@ def check_kernel(device: torch.device, context: int, shape: tuple[int, int, int,
     q = torch.randn(1, hq, c, d, generator=gen).to(device, torch.bfloat16)
     k = torch.randn(1, hkv, context + c, d, generator=gen).to(device, torch.bfloat16)
     v = torch.randn(1, hkv, context + c, d, generator=gen).to(device, torch.bfloat16)
-    ref = replay_chunk_scores(q, k, context, scaling=scaling, backend="torch", precision="fp32", max_logits=0)
-    got = replay_chunk_scores(q, k, context, scaling=scaling, backend="triton")
-    fused, attn = replay_chunk_attention(q, k, v, context, scaling=scaling)
-    allowed = torch.arange(context + c, device=device)[None, :] <= (context + torch.arange(c, device=device))[:, None]
+    ref = replay_chunk_scores(q, k, context, scaling=scaling, backend="torch", precision="fp32", max_logits=0,
+                              visible=visible)
+    got = replay_chunk_scores(q, k, context, scaling=scaling, backend="triton", visible=visible)
+    fused, attn = replay_chunk_attention(q, k, v, context, scaling=scaling, visible=visible)
+    pos = torch.arange(context + c, device=device)
+    allowed = pos[None, :] <= (context + torch.arange(c, device=device))[:, None]
+    if visible is not None:
+        sink_end, lo, hi = visible
+        allowed &= (pos >= context) | (pos < sink_end) | (pos >= lo) & (pos < hi)
     ref_attn = torch.nn.functional.scaled_dot_product_attention(
         q.float(), k.float().repeat_interleave(hq // hkv, dim=1), v.float().repeat_interleave(hq // hkv, dim=1),
         attn_mask=allowed,
         scale=scaling).transpose(1, 2)
-    out = {"context": context, "chunk": c, "max_score": float(ref.max()),
+    out = {"context": context, "chunk": c, "visible": visible, "max_score": float(ref.max()),
            "max_abs_diff_scores": float((got - ref).abs().max()),
            "max_abs_diff_fused_scores": float((fused - ref).abs().max()),
            "max_abs_diff_attention": float((attn.float() - ref_attn).abs().max()),
@@ -245,6 +277,57 @@ def check_kernel(device: torch.device, context: int, shape: tuple[int, int, int,
     out["ok"] = (out["max_abs_diff_scores"] <= 2e-3 * out["max_score"]
                  and out["max_abs_diff_fused_scores"] <= 2e-3 * out["max_score"]
                  and out["max_abs_diff_attention"] <= 2e-2 * max(out["max_abs_attention"], 1e-6))
+    if visible is not None:  # the hidden keys score exactly 0 on both sides
+        hidden = ~torch.zeros(context, dtype=torch.bool, device=device).index_fill_(
+            0, torch.cat([torch.arange(visible[0]), torch.arange(visible[1], visible[2])]).to(device), True)
+        out["hidden_keys_zero"] = bool((got[..., hidden] == 0).all() and (fused[..., hidden] == 0).all())
+        out["ok"] = out["ok"] and out["hidden_keys_zero"]
+    return out
+
+
+def check_span_small(device: torch.device) -> dict[str, Any]:
+    """The span-limited kernel against the dense float64 twin on a small odd fp32 case (exact up to rounding)."""
+    gen = torch.Generator(device="cpu").manual_seed(2)
+    q = torch.randn(2, 12, 37, 64, generator=gen).to(device)
+    k = torch.randn(2, 3, 1000 + 37, 64, generator=gen).to(device)
+    visible = span_visible(1000, 600, 637, 101, 13)
+    got = replay_chunk_scores(q, k, 1000, scaling=0.125, backend="triton", precision="fp32", visible=visible)
+    ref = replay_chunk_scores_reference(q, k, 1000, scaling=0.125, visible=visible)
+    diff = float((got.double() - ref).abs().max())
+    return {"visible": visible, "max_abs_diff": diff, "max_score": float(ref.max()),
+            "ok": diff <= 1e-4 * float(ref.max()) + 1e-7}
+
+
+def time_span_kernel(device: torch.device, contexts: tuple[int, ...] = (32768, 131072), span: int = 2048,
+                     sink: int = DEFAULT_SINK, repeats: int = 5, shape: tuple[int, int, int, int] = REAL_SLICE
+                     ) -> dict[str, Any]:
+    """Milliseconds of one fused replay chunk (mid-context), exact and span-limited, per context length.
+
+    The exact chunk grows with the context; the span-limited one should not (its key blocks
+    outside the sink and ``[a - span, b + span)`` are skipped).
+    """
+    from snapkv.kernels.replay_score import replay_attention_scores_triton
+
+    hq, hkv, c, d = shape
+    out: dict[str, Any] = {"span": span, "sink": sink, "chunk": c}
+    for context in contexts:
+        gen = torch.Generator(device="cpu").manual_seed(3)
+        q = torch.randn(1, hq, c, d, generator=gen).to(device, torch.bfloat16)
+        k = torch.randn(1, hkv, context + c, d, generator=gen).to(device, torch.bfloat16)
+        v = torch.randn(1, hkv, context + c, d, generator=gen).to(device, torch.bfloat16)
+        a = context // 2
+        visible = span_visible(context, a, min(context, a + c), span, sink)
+        row = {}
+        for name, vis in (("exact_ms", None), ("span_ms", visible)):
+            for i in range(repeats + 1):  # the first call is a warm-up
+                if i == 1:
+                    _sync(device)
+                    t0 = time.perf_counter()
+                replay_attention_scores_triton(q, k, context, scaling=d**-0.5, values=v, visible=vis)
+            _sync(device)
+            row[name] = round((time.perf_counter() - t0) / repeats * 1e3, 3)
+        out[str(context)] = row
+        del q, k, v
     return out
 
 
@@ -309,10 +392,18 @@ def main() -> None:
                         help="print the memory estimate per length (llama3-8b shape, bf16) and exit")
     parser.add_argument("--split", action="store_true",
                         help="also time the replay forwards without scoring (not counted in seconds)")
+    parser.add_argument("--span", type=int, default=2048,
+                        help="also time the span-limited replay with this span (kvzip_span; -1: not at all)")
+    parser.add_argument("--sink", type=int, default=DEFAULT_SINK, help="context tokens every span-limited chunk sees")
+    parser.add_argument("--exact-max-tokens", type=int, default=1 << 30,
+                        help="time the exact replay (kvzip) only up to this length (the span one runs at all)")
     parser.add_argument("--budget-s", type=float, default=540.0,
                         help="skip a kvzip point whose time, extrapolated from the last one (length^1.7), "
                              "would end past this many seconds from the start (recorded as skipped)")
     args = parser.parse_args()
+    if args.span < -1 or args.sink < 0:
+        parser.error(f"--span must be >= -1 (-1: off) and --sink >= 0, got {args.span}, {args.sink}")
+    span = None if args.span < 0 else args.span
     start = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -326,14 +417,17 @@ def main() -> None:
         cfg_name, kwargs = RANDOM_SHAPES[args.model]
         config = getattr(transformers, cfg_name)(**kwargs)
         est = {n: {**{k: round(v / 2**30, 2) for k, v in estimate_peak_bytes(config, n, args.chunk, 9).items()},
-                   "flops_ratio_kvzip_over_snapkv": flops_estimate(config, n, args.chunk, 9)["ratio"]}
+                   "flops_ratio_kvzip_over_snapkv": flops_estimate(config, n, args.chunk, 9)["ratio"],
+                   "flops_ratio_kvzip_span_over_snapkv": flops_estimate(
+                       config, n, args.chunk, 9, span if span is not None else n, args.sink)["span_ratio"]}
                for n in lengths}
         print(json.dumps({"model": args.model, "chunk": args.chunk, "gib": est}, indent=1))
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"model": args.model, "chunk": args.chunk, "gib": est}, indent=1))
         return
     result: dict[str, Any] = {"model": args.model, "device": str(device), "torch": torch.__version__,
-                              "budget": args.budget, "window": args.window, "points": []}
+                              "budget": args.budget, "window": args.window, "span": span, "sink": args.sink,
+                              "points": []}
     if args.model == "smollm2":
         from snapkv.eval.runner import codec_for, load
         from snapkv.eval.tasks import make_sample
@@ -375,6 +469,16 @@ def main() -> None:
         except Exception as e:
             result["kernel_timing"] = {"error": repr(e)[:500]}
         print("kernel timing", result["kernel_timing"], flush=True)
+        if span is not None:
+            for key, fn in (("span_check_small", lambda: check_span_small(device)),
+                            ("span_check", lambda: check_kernel(device, 16384, visible=span_visible(
+                                16384, 6144, 8192, span, args.sink))),
+                            ("span_kernel_timing", lambda: time_span_kernel(device, (32768, 131072), span, args.sink))):
+                try:
+                    result[key] = fn()
+                except Exception as e:  # recorded; the timings still run
+                    result[key] = {"error": repr(e)[:500], "ok": False}
+                print(key, result[key], flush=True)
         torch.cuda.empty_cache()
         free = torch.cuda.mem_get_info(device)[0]
         requested = {fit_length(model.config, n, args.chunk, len(prompt), free, True): n for n in lengths}
@@ -388,15 +492,19 @@ def main() -> None:
     # Warm-up on a short prompt (kernels, allocator), discarded.
     warm = ids_for(min(lengths[0], 1024))
     snapkv_prefill(model, warm, min(args.budget, warm.shape[1] // 2), args.window)
-    for kw in ({}, {"attention": "backend"}, {"score_backend": "torch", "attention": "backend"}):
-        if kw and lengths[0] > args.compare_max_tokens:
+    warm_kws: list[dict[str, Any]] = [{}, {"attention": "backend"}, {"score_backend": "torch", "attention": "backend"}]
+    if span is not None:
+        warm_kws += [{"span": span, "sink": args.sink}, {"span": span, "sink": args.sink, "attention": "backend"}]
+    for kw in warm_kws:
+        if kw.get("attention") and lengths[0] > args.compare_max_tokens:
             continue
         kvzip_prefill(model, warm, prompt, min(args.budget, warm.shape[1] // 2), args.window,
                       min(args.chunk, 512), args.precision, **kw)
     for n in lengths:
         ids = ids_for(n)
         point: dict[str, Any] = {"tokens": ids.shape[1],
-                                 "flops_estimate": flops_estimate(model.config, n, args.chunk, len(prompt))}
+                                 "flops_estimate": flops_estimate(model.config, n, args.chunk, len(prompt), span,
+                                                                  args.sink)}
         if requested[n] != n:
             point["requested_tokens"] = requested[n]
 
@@ -404,16 +512,28 @@ def main() -> None:
             return kvzip_prefill(model, ids, prompt, args.budget, args.window, args.chunk, args.precision,
                                  args.split and not kw, **kw)
 
-        runs = {"snapkv": lambda ids=ids: snapkv_prefill(model, ids, args.budget, args.window), "kvzip": run_kvzip}
+        def run_span(**kw: Any) -> dict[str, Any]:
+            return run_kvzip(span=span, sink=args.sink, **kw)
+
+        runs: dict[str, Any] = {"snapkv": lambda ids=ids: snapkv_prefill(model, ids, args.budget, args.window)}
+        if span is not None:
+            runs["kvzip_span"] = run_span
+        if n <= args.exact_max_tokens:
+            runs["kvzip"] = run_kvzip
+        else:
+            point["kvzip"] = {"skipped": f"exact replay above --exact-max-tokens {args.exact_max_tokens}"}
         if n <= args.compare_max_tokens:
-            runs["kvzip_backend_attention"] = lambda: run_kvzip(attention="backend")
-            runs["kvzip_torch_scores"] = lambda: run_kvzip(score_backend="torch", attention="backend")
-        last = next((p for p in reversed(result["points"]) if "seconds" in p.get("kvzip", {})), None)
+            if span is not None:
+                runs["kvzip_span_backend_attention"] = lambda: run_span(attention="backend")
+            if n <= args.exact_max_tokens:
+                runs["kvzip_backend_attention"] = lambda: run_kvzip(attention="backend")
+                runs["kvzip_torch_scores"] = lambda: run_kvzip(score_backend="torch", attention="backend")
         queue = list(runs.items())
         for name, fn in queue:
+            last = next((p for p in reversed(result["points"]) if "seconds" in p.get(name, {})), None)
             if name.startswith("kvzip") and last is not None:
                 # An 8B prefill's FLOPs grow ~10x from 32K to 128K (linear layers + attention): ^1.7.
-                guess = last["kvzip"]["seconds"] * (n / last["tokens"]) ** 1.7
+                guess = last[name]["seconds"] * (n / last["tokens"]) ** 1.7
                 if time.perf_counter() - start + guess > args.budget_s:
                     point[name] = {"skipped": f"about {guess:.0f} s expected, past --budget-s {args.budget_s:.0f}"}
                     print(n, name, point[name], flush=True)
@@ -429,6 +549,9 @@ def main() -> None:
                     runs["kvzip_backend_attention"] = lambda: run_kvzip(attention="backend")
                     runs["kvzip_torch_scores"] = lambda: run_kvzip(score_backend="torch", attention="backend")
                     queue += [(k, runs[k]) for k in ("kvzip_backend_attention", "kvzip_torch_scores")]
+                if name == "kvzip_span" and "kvzip_span_backend_attention" not in runs:
+                    runs["kvzip_span_backend_attention"] = lambda: run_span(attention="backend")
+                    queue.append(("kvzip_span_backend_attention", runs["kvzip_span_backend_attention"]))
             print(n, name, point[name], flush=True)
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps({**result, "points": [*result["points"], point]}, indent=1))

@@ -23,7 +23,8 @@
 # Head-adaptive budgets (ragged cache; about 4 minutes, its own call):
 #   STAGES="env ragged" bash scripts/gpu_suite.sh      -> $OUT/ragged/{layer,engine,hf_model}.json
 # KVzip replay scoring (Triton replay kernel) vs SnapKV's prefill, Llama-3-8B shape, 32K and 128K, with the
-# kernel's GPU tests (about 4 minutes, its own call):
+# kernel's GPU tests (about 4 minutes, its own call): span-limited replay (KVZIP_SPAN, default 2048) at both
+# lengths, exact replay up to KVZIP_EXACT_MAX tokens (default 32768; 131072 adds the ~60 s exact 128K point):
 #   STAGES="env kvzip" bash scripts/gpu_suite.sh       -> $OUT/kvzip/{kvzip.json,pytest.txt}
 # Head-adaptive budgets selected in the engine's prefill vs uniform SnapKV, captured decode, Llama-3-8B
 # shape, 32K and 128K, budget 2048 (under 2 minutes; may share a call with another short stage):
@@ -144,11 +145,12 @@ if [[ " $STAGES " == *" serve128 "* ]]; then
 fi
 
 if [[ " $STAGES " == *" kvzip "* ]]; then
-  stage "kvzip: replay kernel GPU tests, then KVzip (prefill + replay + selection) vs SnapKV prefill, 32K and 128K"
+  stage "kvzip: replay kernel GPU tests, then KVzip exact and span-limited (prefill + replay + selection) vs SnapKV"
   mkdir -p "$OUT/kvzip"
-  timeout 90 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_replay_kernel.py 2>&1 | tail -5 \
+  timeout 120 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_replay_kernel.py 2>&1 | tail -5 \
     | tee "$OUT/kvzip/pytest.txt" || status=1
   timeout 280 "$PY" scripts/bench_kvzip.py --model llama3-8b --device cuda --lengths 32768,131072 \
+    --span "${KVZIP_SPAN:-2048}" --exact-max-tokens "${KVZIP_EXACT_MAX:-32768}" \
     --budget-s 230 --out "$OUT/kvzip/kvzip.json" || status=1
 fi
 

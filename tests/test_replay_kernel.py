@@ -160,6 +160,12 @@ def _interpreter_main(seed: int) -> None:
     check = bench.check_kernel(torch.device("cpu"), 40, shape=(4, 2, 16, 16))
     timing = bench.time_kernel(torch.device("cpu"), 40, repeats=1, shape=(4, 2, 16, 16))
     print(json.dumps({"name": "bench_kernel_functions", "check": check, "timing": timing}), flush=True)
+    span_check = bench.check_kernel(torch.device("cpu"), 60, shape=(4, 2, 16, 16), visible=(3, 20, 45))
+    span_small = bench.check_span_small(torch.device("cpu"))
+    span_timing = bench.time_span_kernel(torch.device("cpu"), (40, 100), span=8, sink=2, repeats=1,
+                                         shape=(4, 2, 16, 16))
+    print(json.dumps({"name": "bench_span_functions", "check": span_check, "small": span_small,
+                      "timing": span_timing}), flush=True)
 
 
 #: Whole replays of tiny fp32 models through the kernel: ``kernel`` also computes the replay's
@@ -284,6 +290,16 @@ def test_bench_kernel_check_and_timing_interpreter(interpreter_results: Any) -> 
     assert r["check"]["ok"], r["check"]
     for tag in ("default", "m64_n64", "m128_n128"):
         assert r["timing"][tag]["fused_ms"] > 0 and r["timing"][tag]["scores_ms"] > 0, r["timing"]
+
+
+def test_bench_span_check_and_timing_interpreter(interpreter_results: Any) -> None:
+    """The GPU benchmark's span-limited kernel check (against the torch twin and sdpa) and timing."""
+    _, results = interpreter_results
+    r = results["bench_span_functions"]
+    assert r["check"]["ok"] and r["check"]["hidden_keys_zero"], r["check"]
+    assert r["small"]["ok"], r["small"]
+    for n in ("40", "100"):
+        assert r["timing"][n]["exact_ms"] > 0 and r["timing"][n]["span_ms"] > 0, r["timing"]
 
 
 def test_explicit_backend_dispatch_interpreter(interpreter_results: Any) -> None:
@@ -440,6 +456,11 @@ def test_bench_memory_estimate_and_fitting() -> None:
     assert need["peak"] - need["weights"] <= 0.9 * 20 * 2**30
     f = bench.flops_estimate(config, 131072, 2048, 9)
     assert 3 < f["ratio"] < 4 and bench.flops_estimate(config, 32768, 2048, 9)["ratio"] < f["ratio"]
+    # Span-limited: the replay's attention is a band, not the square: under 2x the prefill at 128K.
+    f = bench.flops_estimate(config, 131072, 2048, 9, span=2048)
+    assert f["kvzip"] > f["kvzip_span"] and f["span_ratio"] < 2
+    assert bench.flops_estimate(config, 4096, 2048, 9, span=1 << 20)["kvzip_span"] == \
+        bench.flops_estimate(config, 4096, 2048, 9)["kvzip"]
 
 
 def test_bench_runs_on_cpu(tmp_path: Any) -> None:
@@ -447,13 +468,24 @@ def test_bench_runs_on_cpu(tmp_path: Any) -> None:
     script = __import__("pathlib").Path(__file__).resolve().parents[1] / "scripts" / "bench_kvzip.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(script), "--model", "tiny-llama", "--lengths", "128", "--chunk", "32",
-                           "--budget", "32", "--window", "8", "--out", str(out)], env=env, capture_output=True,
-                          text=True, timeout=300)
+                           "--budget", "32", "--window", "8", "--span", "16", "--sink", "4", "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     point = json.loads(out.read_text())["points"][0]
     assert point["tokens"] == 128 and point["snapkv"]["seconds"] > 0
-    for name in ("kvzip", "kvzip_backend_attention", "kvzip_torch_scores"):
+    for name in ("kvzip", "kvzip_backend_attention", "kvzip_torch_scores", "kvzip_span",
+                 "kvzip_span_backend_attention"):
         assert point[name]["score_backend"] == "torch" and point[name]["seconds"] > 0, point[name]
+    assert point["kvzip_span"]["span"] == 16 and point["kvzip"]["span"] is None
+    assert point["flops_estimate"]["span_ratio"] < point["flops_estimate"]["ratio"]
+    # --exact-max-tokens below the length: the exact replay is skipped (recorded), the span one runs.
+    proc = subprocess.run([sys.executable, str(script), "--model", "tiny-llama", "--lengths", "128", "--chunk", "32",
+                           "--budget", "32", "--window", "8", "--span", "16", "--exact-max-tokens", "64",
+                           "--compare-max-tokens", "0", "--out", str(out)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    point = json.loads(out.read_text())["points"][0]
+    assert "skipped" in point["kvzip"] and point["kvzip_span"]["seconds"] > 0, point
 
 
 # ---------------------------------------------------------------------------------------------
