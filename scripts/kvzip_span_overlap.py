@@ -12,6 +12,9 @@ the fraction of the exact selection the span-limited one shares:
 * ``overlap_beyond_window``: the same without the ``window`` positions both always keep;
 * ``replay_s``: each replay's seconds (CPU, so only a relative figure).
 
+``--ref-chunks`` adds exact replays with other chunk sizes (``chunk{N}``): how much two exact
+KVzip settings agree, the scale against which the span-limited overlap can be read.
+
 Example (SmolLM2, 4K, budget 1024; minutes on one busy core)::
 
     PYTHONPATH=src OMP_NUM_THREADS=1 nice -n 15 python scripts/kvzip_span_overlap.py --model smollm2 \\
@@ -70,6 +73,7 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=512)
     parser.add_argument("--spans", default="512,1024")
     parser.add_argument("--sink", type=int, default=32)
+    parser.add_argument("--ref-chunks", default="", help="exact replays with these chunk sizes, as a reference")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -78,6 +82,7 @@ def main() -> None:
     from snapkv.eval.tasks import make_sample
 
     spans = [int(x) for x in args.spans.split(",") if x]
+    ref_chunks = [int(x) for x in args.ref_chunks.split(",") if x]
     model, tok = load(args.model)
     codec = codec_for(tok)
     prompt = list(codec.encode(DEFAULT_REPLAY_PROMPT)) + list(codec.tail)  # as snapkv.eval.methods.fit_replay
@@ -88,7 +93,7 @@ def main() -> None:
             sample = make_sample(task, codec, args.length, index)
             ids = torch.tensor([list(sample.context_ids)])
             n = ids.shape[1]
-            longest = max(len(x) for x in replay_inputs(range(n), prompt, args.chunk, 8))
+            longest = max(len(x) for c in [args.chunk, *ref_chunks] for x in replay_inputs(range(n), prompt, c, 8))
             cache = ReplayCache(model.config, n + longest)
             t0 = time.perf_counter()
             model(input_ids=ids, use_cache=True, logits_to_keep=1, **{cache_argument(model): cache})
@@ -105,14 +110,21 @@ def main() -> None:
                 row[f"span{span}"] = {"replay_s": round(sec, 1),
                                       **overlap(kept_sets(scores, args.budget, args.window), kept_exact,
                                                 args.budget, args.window)}
+            for c in ref_chunks:
+                t0 = time.perf_counter()
+                scores = kvzip_scores(model, ids, prompt, chunk=c, cache=cache)
+                sec = time.perf_counter() - t0
+                row[f"chunk{c}"] = {"replay_s": round(sec, 1),
+                                    **overlap(kept_sets(scores, args.budget, args.window), kept_exact,
+                                              args.budget, args.window)}
             result["samples"].append(row)
             print(json.dumps({k: (v if not isinstance(v, dict) else {x: y for x, y in v.items() if x != "per_layer"})
                               for k, v in row.items()}), flush=True)
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(result, indent=1))
-    for span in spans:
-        rows = [r[f"span{span}"] for r in result["samples"]]
-        result[f"mean_span{span}"] = {k: round(sum(r[k] for r in rows) / len(rows), 4)
+    for key in [f"span{x}" for x in spans] + [f"chunk{c}" for c in ref_chunks]:
+        rows = [r[key] for r in result["samples"]]
+        result[f"mean_{key}"] = {k: round(sum(r[k] for r in rows) / len(rows), 4)
                                       for k in ("overlap", "overlap_beyond_window", "min_layer", "replay_s")}
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k.startswith("mean")}, indent=1))

@@ -235,6 +235,7 @@ def test_span_far_key_gets_no_vote_and_the_rest_renormalise():
     k[0, 0, 2] = q[0, 0, 0] * 3  # a far key the query attends to strongly
     visible = span_visible(length, 20, 24, 3, sink=0)  # chunk [20, 24): sees [17, 27) only
     assert visible == (0, 17, 27)
+    assert span_visible(length, 5, 9, 3, sink=4) == (0, 0, 12)  # a sink reaching the window: one range
     exact = replay_chunk_scores(q, k, length, scaling=1.0)
     span = replay_chunk_scores(q, k, length, scaling=1.0, visible=visible)
     assert exact[0, 0, 2] > 0.5 and span[0, 0, 2] == 0  # no vote from a query that cannot see it

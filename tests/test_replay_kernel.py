@@ -235,10 +235,12 @@ def largest_replay_tensors() -> dict[str, Any]:
     with torch.no_grad():
         model(input_ids=ids, use_cache=True, logits_to_keep=1, **{cache_argument(model): cache})
     result: dict[str, Any] = {"chunk_x_context": longest * length}
-    for name, sb, att in (("kernel", "triton", "kernel"), ("torch", "torch", "backend")):
+    for name, sb, att, span in (("kernel", "triton", "kernel", None), ("torch", "torch", "backend", None),
+                                ("torch_span", "torch", "backend", 8), ("kernel_span", "triton", "kernel", 8)):
         mode = Largest()
         with mode:
-            kvzip_scores(model, ids, prompt, chunk=chunk, overlap=4, cache=cache, score_backend=sb, attention=att)
+            kvzip_scores(model, ids, prompt, chunk=chunk, overlap=4, cache=cache, score_backend=sb, attention=att,
+                         span=span, sink=0)
         result[name], result[f"{name}_op"] = mode.largest, mode.op
     return result
 
@@ -282,6 +284,10 @@ def test_kernel_replay_allocates_nothing_chunk_by_context(interpreter_results: A
     r = results["replay_largest_tensor"]
     assert r["kernel"] < r["chunk_x_context"] // 2, r
     assert r["torch"] >= r["chunk_x_context"], r  # the logits: the measure sees what it should
+    # Span-limited (8 tokens either side of a 64-token chunk): the torch path's logits cover the
+    # visible keys only; the kernel path stays below chunk x L as well.
+    assert r["torch_span"] < r["torch"] // 2, r
+    assert r["kernel_span"] < r["chunk_x_context"] // 2, r
 
 
 def test_bench_kernel_check_and_timing_interpreter(interpreter_results: Any) -> None:

@@ -100,7 +100,7 @@ Visible = tuple[int, int, int]
 def span_visible(context_len: int, start: int, end: int, span: int, sink: int = DEFAULT_SINK) -> Visible:
     """``(sink_end, lo, hi)``: the context keys the replay of context chunk ``[start, end)`` sees.
 
-    ``[0, sink_end)`` (the first ``sink`` tokens, cut where they reach the window) and
+    ``[0, sink_end)`` (the first ``sink`` tokens; ``(0, 0, hi)`` when they reach the window) and
     ``[lo, hi) = [max(0, start - span), min(L, end + span))``, the chunk's own original
     positions and ``span`` tokens either side (KVzip's copy attention sits on them).
     """
@@ -110,7 +110,7 @@ def span_visible(context_len: int, start: int, end: int, span: int, sink: int = 
     if not 0 <= start < end <= context_len:
         raise ValueError(f"chunk [{start}, {end}) must lie inside the context [0, {context_len})")
     lo, hi = max(0, start - span), min(context_len, end + span)
-    return min(sink, lo), lo, hi
+    return (sink, lo, hi) if sink < lo else (0, 0, hi)  # a sink reaching the window: one range
 
 
 def check_visible(visible: Visible | None, context_len: int) -> Visible | None:
