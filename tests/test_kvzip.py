@@ -196,11 +196,12 @@ def test_eval_kvzip_reuse_mode_on_one_prefill():
 # Span-limited replay (KVzip(span=...)): each chunk sees the sink and span tokens either side.
 
 
-@pytest.mark.parametrize(("family", "length", "chunk", "overlap", "span", "sink"), [
-    ("llama", 53, 9, 2, 5, 3), ("qwen3", 41, 8, 0, 0, 0), ("mistral", 37, 10, 3, 12, 40)])
-def test_span_scores_match_dense_float64_replay(family, length, chunk, overlap, span, sink):
-    """Sliced-key replay (sdpa, fp64) == one eager forward whose block mask hides the far context."""
-    fast_model = tiny_model(family, "sdpa").double()
+@pytest.mark.parametrize(("family", "length", "chunk", "overlap", "span", "sink", "backend"), [
+    ("llama", 53, 9, 2, 5, 3, "sdpa"), ("qwen3", 41, 8, 0, 0, 0, "sdpa"), ("mistral", 37, 10, 3, 12, 40, "sdpa"),
+    ("llama", 40, 9, 2, 5, 3, "eager")])
+def test_span_scores_match_dense_float64_replay(family, length, chunk, overlap, span, sink, backend):
+    """Sliced-key replay (its mask sliced too; fp64) == one eager forward whose block mask hides the far context."""
+    fast_model = tiny_model(family, backend).double()
     ref_model = tiny_model(family, "eager").double()
     ids = torch.randint(3, 256, (2, length), generator=torch.Generator().manual_seed(length))
     kw = dict(chunk=chunk, overlap=overlap, span=span, sink=sink)

@@ -197,7 +197,6 @@ class _Recorder:
                 precision=self.precision, max_logits=self.max_logits, backend=self.score_backend, out=old)
         return out
 
-
     def _span_backend(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: torch.Tensor | None, old: torch.Tensor | None, **kwargs: Any) -> Any:
         """Span-limited replay through the backend: it sees the visible keys only (sliced), scores beside it."""
