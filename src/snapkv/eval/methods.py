@@ -63,6 +63,7 @@ METHODS: dict[str, EvalMethod] = {
     # Span-limited replay (linear in the context): each 512-token chunk sees the first 32 context
     # tokens and 512 tokens either side of its own, not the whole context.
     "kvzip-span": EvalMethod("kvzip-span", lambda: KVzip(chunk=512, span=512), replay=True),
+    "kvzip-span1024": EvalMethod("kvzip-span1024", lambda: KVzip(chunk=512, span=1024), replay=True),
 }
 
 #: Where :func:`fit_replay` keeps the last replay of a prefill, for variants that share it.

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 Z95 = 1.959963984540054
-METHOD_ORDER = ("full", "snapkv", "snapkv-k31", "adakv", "pyramidkv", "kvzip", "kvzip-k31", "h2o", "streaming",
-                "random")
+METHOD_ORDER = ("full", "snapkv", "snapkv-k31", "adakv", "pyramidkv", "kvzip", "kvzip-k31", "kvzip-span",
+                "kvzip-span1024", "h2o", "streaming", "random")
 MODE_TITLES = {
     "query": "query-aware (question inside the compressed prompt)",
     "context": "context-only (context compressed alone, question afterwards)",
