@@ -61,7 +61,8 @@ METHODS: dict[str, EvalMethod] = {
     # The same replay scores max-pooled over 31 positions, as snapkv-k31 pools its votes.
     "kvzip-k31": EvalMethod("kvzip-k31", lambda: KVzip(chunk=512, kernel=31), replay=True),
     # Span-limited replay (linear in the context): each 512-token chunk sees the first 32 context
-    # tokens and 512 tokens either side of its own, not the whole context.
+    # tokens and 512 (1024) tokens either side of its own, not the whole context. It loses the votes
+    # distant replay chunks give a key (results/kvzip/span_overlap_smollm2_4k.json).
     "kvzip-span": EvalMethod("kvzip-span", lambda: KVzip(chunk=512, span=512), replay=True),
     "kvzip-span1024": EvalMethod("kvzip-span1024", lambda: KVzip(chunk=512, span=1024), replay=True),
 }
