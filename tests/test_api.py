@@ -114,7 +114,7 @@ def test_context_cache_probe_votes_then_leaves_the_cache(smollm2):
     model, tok = smollm2
     key = 40917
     ctx = passkey_context(tok, 1500, 0.4, key)
-    config = SnapKVConfig(budget=128)
+    config = SnapKVConfig(budget=128, kernel=7)  # the paper's kernel: plain context-only misses the key (31 finds it)
     with ContextCache(model, tok, ctx, config, chat=False, probe=False) as doc:  # plain: the context's last tokens vote
         plain = doc.ask(QUESTION, max_new_tokens=6)
     with ContextCache(model, tok, ctx, config, chat=False, probe=True, backend="transformers") as doc:

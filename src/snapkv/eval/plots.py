@@ -9,10 +9,15 @@ from typing import Any
 
 from snapkv.eval.report import METHOD_ORDER, budget_key, group
 
+
+def _order(method: str) -> tuple[int, str]:
+    """Plot order: :data:`METHOD_ORDER`, then methods it does not list by name."""
+    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
+
 COLORS = {"snapkv": "tab:blue", "snapkv-k31": "tab:red", "adakv": "tab:cyan", "pyramidkv": "tab:purple",
           "h2o": "tab:green", "streaming": "tab:orange", "random": "tab:gray", "kvzip": "tab:brown",
           "kvzip-k31": "tab:olive"}
-STYLES = {"query": "-", "context": ":", "probe": "--"}
+STYLES = {"query": "-", "context": ":", "probe": "--", "probe-only": "-."}
 NEEDLE_TASKS = ("passkey", "niah_single_1", "niah_single_2", "niah_single_3")
 
 
@@ -44,7 +49,7 @@ def accuracy_vs_budget(records: Sequence[dict[str, Any]], path: Path, title: str
             if full:
                 ax.axhline(100 * _mean(full), color="black", lw=1.2, ls="--", label="full cache")
             sel = [r for r in rs if r["method"] != "full" and r["mode"] == mode]
-            for (m,), g in sorted(group(sel, "method").items(), key=lambda kv: METHOD_ORDER.index(kv[0][0])):
+            for (m,), g in sorted(group(sel, "method").items(), key=lambda kv: _order(kv[0][0])):
                 by = sorted(group(g, "budget").items(), key=lambda kv: budget_key(kv[0][0]))
                 xs = [_mean([r["kept_tokens"] for r in rr]) for _, rr in by]
                 ys = [100 * _mean([r["score"] for r in rr]) for _, rr in by]
