@@ -1,0 +1,66 @@
+"""The 1.5B tables of docs/RESULTS.md from results/qwen1.5b-8k (float32) and results/qwen1.5b-bf16-8k{,-s1}.
+
+One table per run (the dtype differs, so their prompts are not pooled): every method x mode at
+budget 2048 of 8K (4x), percent mean with a 95% interval (``report.fmt``, Wilson for 0/1 scores)
+and the paired share of the full cache's score (``report.retention``, bootstrap 95% interval).
+The float32 run's ``probe`` records predate the probe's tail and are shown as ``probe-only``.
+
+    PYTHONPATH=src python results/qwen15b_table.py
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from snapkv.eval.report import fmt, retention
+
+HERE = Path(__file__).parent
+RUNS = {"bfloat16, seed 1 (2026-12-01)": HERE / "qwen1.5b-bf16-8k-s1",
+        "bfloat16, seed 0 (2026-12-01; the float32 run's first prompts again)": HERE / "qwen1.5b-bf16-8k",
+        "float32, seed 0 (2026-11-30)": HERE / "qwen1.5b-8k"}
+METHODS = [("snapkv", "SnapKV, kernel 7"), ("snapkv-k31", "SnapKV, kernel 31 (default)"),
+           ("adakv", "AdaKV (head-adaptive, kernel 7)")]
+MODES = [("query", "query-aware"), ("context", "context-only"), ("probe", "probe + last 32 (`Probe()`)"),
+         ("probe-only", "probe alone")]
+
+
+def _read(folder: Path) -> list[dict]:
+    path = folder / "records.jsonl"
+    recs = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    for r in recs:
+        if r["mode"] == "probe" and "probe_window" not in r:  # made before the probe kept the context's tail
+            r["mode"] = "probe-only"
+    return recs
+
+
+def table(name: str, folder: Path, budget: str = "2048") -> list[str]:
+    """Markdown lines of one run's table."""
+    recs = _read(folder)
+    if not recs:
+        return [f"{name}: no records", ""]
+    full = [r for r in recs if r["method"] == "full"]
+    tasks = sorted({r["task"] for r in full})
+    counts = ", ".join(f"{t} {sum(r['task'] == t for r in full)}" for t in tasks)
+    out = [f"#### {name}: {len(full)} prompts ({counts}), full cache {fmt([r['score'] for r in full])}", "",
+           "| method | " + " | ".join(label for _, label in MODES) + " |", "|---|" + "---|" * len(MODES)]
+    for m, label in METHODS:
+        cells = []
+        for mode, _ in MODES:
+            rows = [r for r in recs if r["method"] == m and r["mode"] == mode and r["budget"] == budget]
+            if not rows:
+                cells.append("-")
+                continue
+            ret = retention(recs, budget, mode, m)
+            of = f"; {100 * ret[0]:.0f}% of full ({100 * ret[1]:.0f}-{100 * ret[2]:.0f})" if ret else ""
+            cells.append(f"{fmt([r['score'] for r in rows])}, n={len(rows)}{of}")
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    return [*out, ""]
+
+
+def main() -> None:
+    print("\n".join(line for name, folder in RUNS.items() for line in table(name, folder)))
+
+
+if __name__ == "__main__":
+    main()
