@@ -23,12 +23,22 @@ def _dirs(names: list[str]) -> list[Path]:
     return [ROOT / "results" / n for n in names if (ROOT / "results" / n / "records.jsonl").exists()]
 
 
-def _reuse4k() -> str:
-    """The "Reuse at 4x" tables (results/reuse_4k_table.py)."""
-    spec = importlib.util.spec_from_file_location("reuse_4k_table", ROOT / "results" / "reuse_4k_table.py")
+def _script(name: str) -> object:
+    """The module ``results/<name>.py`` (a table script)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "results" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.render()
+    return module
+
+
+def _reuse4k() -> str:
+    """The "Reuse at 4x" tables (results/reuse_4k_table.py)."""
+    return _script("reuse_4k_table").render()
+
+
+def _qwen15b() -> str:
+    """The 1.5B tables (results/qwen15b_table.py)."""
+    return _script("qwen15b_table").render()
 
 
 def main() -> None:
@@ -46,6 +56,7 @@ def main() -> None:
         "timings": "\n".join(timing_lines(records + ruler)),
         "counts": f"{len(records) + len(ruler):,} records",
         "reuse4k": _reuse4k(),
+        "qwen15b": _qwen15b(),
     }
     doc = ROOT / "docs" / "RESULTS.md"
     text = doc.read_text(encoding="utf-8")

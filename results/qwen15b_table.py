@@ -58,8 +58,13 @@ def table(name: str, folder: Path, budget: str = "2048") -> list[str]:
     return [*out, ""]
 
 
+def render() -> str:
+    """Every run's table (the ``generated:qwen15b`` block of docs/RESULTS.md)."""
+    return "\n".join(line for name, folder in RUNS.items() for line in table(name, folder))
+
+
 def main() -> None:
-    print("\n".join(line for name, folder in RUNS.items() for line in table(name, folder)))
+    print(render())
 
 
 if __name__ == "__main__":
