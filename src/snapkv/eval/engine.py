@@ -6,10 +6,10 @@ Prefills per sample (each at most once, only when a requested setting needs it):
 * the context alone, captured: every ``context``-mode setting. On a model whose layers are
   all full-attention, this is read off the whole-prompt capture (causal attention makes the
   context's queries, keys and values a prefix of the prompt's), so it costs nothing;
-* the context plus :data:`PROBE_TEXT`, captured: ``probe`` settings. SnapKV votes with the
-  probe and the context's last ``window`` tokens as its window (as
-  :func:`snapkv.methods.probe.probe_config` sets it), then the probe's slots are cut from
-  every layer before the question.
+* the context plus :data:`PROBE_TEXT`, captured: ``probe`` and ``probe-only`` settings. SnapKV
+  votes with the probe as its window, ``probe`` also keeps the context's last ``window`` tokens
+  (:func:`snapkv.methods.probe.probe_config` / ``probe_selector``), then the probe's slots are
+  cut from every layer before the question.
 """
 
 from __future__ import annotations
@@ -197,7 +197,7 @@ def evaluate_sample(
                     if probe is None:
                         probe = Prefill(model, session, sample.context_ids + probe_ids)
                     pre, shared, ctx_len = probe, probe.seconds, probe.length
-                    g = len(probe_ids)  # the probe votes with the context's last window tokens, then is cut
+                    g = len(probe_ids)  # the probe votes, the tail stays, the probe is cut
                     cache = _derive(session, probe, st, window, probe=g, tail=PROBE_TAILS[st.mode])
                     sliding = None if prefix_ok else ctx.cache
                     _cut_tail(cache, g, sliding)

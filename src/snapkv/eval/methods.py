@@ -72,10 +72,10 @@ REPLAY_KEY = "_replay"
 
 #: ``query``: the question is in the prompt when the cache is compressed (the paper's setting).
 #: ``context``: the context alone is compressed, the question comes afterwards.
-#: ``probe``: context-only, but a generic question appended to the context votes with the context's
-#: last ``window`` tokens (the library's ``Probe()``), then is dropped.
-#: ``probe-only``: the same, the probe's tokens alone voting (``Probe(tail=0)``; the probe mode of
-#: records made before 2026-12).
+#: ``probe``: context-only, but a generic question appended to the context votes, the context's
+#: last ``window`` tokens are kept too (the library's ``Probe()``), then the probe is dropped.
+#: ``probe-only``: the same without the kept tail (``Probe(tail=0)``; the probe mode of records
+#: made before 2026-12).
 MODES: tuple[str, ...] = ("query", "context", "probe", "probe-only")
 
 #: The probe's tail (``Probe.tail``) of each probe mode: None is the window.

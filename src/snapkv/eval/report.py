@@ -19,7 +19,7 @@ METHOD_ORDER = ("full", "snapkv", "snapkv-k31", "adakv", "pyramidkv", "kvzip", "
 MODE_TITLES = {
     "query": "query-aware (question inside the compressed prompt)",
     "context": "context-only (context compressed alone, question afterwards)",
-    "probe": "context-only + generic probe window (probe + the context's last window vote; the probe is dropped)",
+    "probe": "context-only + generic probe window (the probe votes, the context's last window kept, probe dropped)",
     "probe-only": "context-only + generic probe window (the probe alone votes, then is dropped)",
 }
 

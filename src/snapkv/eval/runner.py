@@ -99,7 +99,7 @@ def context_limit(model: str) -> int | None:
     return None
 
 
-#: What a ``probe`` record's window is (``probe_window``): the probe plus the context's last ``--window`` tokens.
+#: What a ``probe`` record ran (``probe_window``): the probe voting, the context's last ``--window`` tokens kept.
 PROBE_WINDOW = "probe+window"
 
 #: ``--dtype`` choices: the weights' and activations' dtype on the CPU.
@@ -147,8 +147,8 @@ class RecordFile:
     def signature(rec: dict[str, Any]) -> str:
         """What must match for a record to count as done: prompt hash, decode cap, window, dtype, probe window.
 
-        ``probe`` records made before the probe's window took the context's last ``window``
-        tokens too (no ``probe_window`` field) do not match today's.
+        ``probe`` records made before the probe kept the context's last ``window`` tokens too
+        (no ``probe_window`` field) do not match today's.
         """
         sig = f"{rec['prompt_hash']}/{rec.get('max_new_tokens')}/{rec.get('window')}"
         dtype = rec.get("dtype", "float32")  # records from before --dtype ran in float32

@@ -131,7 +131,7 @@ class EngineContext:
             compressed, then cut), or empty.
         room: new-token slots allocated at first (question plus answer).
         method: the selection method (default SnapKV from ``config``), e.g. ``AdaptiveHeads(SnapKV())``.
-        probe_tail: context tokens before the probe that vote with it (``Probe.tail``; None: the window).
+        probe_tail: context tokens before the probe kept whatever the votes (``Probe.tail``; None: the window).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, config: SnapKVConfig, ctx_ids: list[int],
@@ -139,7 +139,7 @@ class EngineContext:
                  probe_tail: int | None = None) -> None:
         self.tokenizer = tokenizer
         n, g = len(ctx_ids), len(probe_ids)
-        if g:  # the probe votes with the context's last window tokens, then is cut
+        if g:  # the probe votes, the context's tail is kept, the probe is cut
             probed = probe_config(config, n, g, probe_tail)
             if probed is None:
                 raise ValueError(f"probe_ids given, but the {n}-token context fits its budget: nothing to select "

@@ -135,7 +135,7 @@ def compress_context(
         config = dataclasses.replace(config, kernel=s.kernel, pooling=s.pooling, gqa_reduce=s.gqa_reduce,
                                      chunk_size=s.chunk_size)
     n, g = len(context), len(probe)
-    probed = probe_config(config, n, g, _tail(method))  # the probe votes with the context's tail, then is cut
+    probed = probe_config(config, n, g, _tail(method))  # the probe votes, the tail stays, the probe is cut
     selector: Method = method_for(config)
     if probed is None:  # the whole context fits its budget: nothing to select, no probe needed
         ids, drop = context, 0
