@@ -7,7 +7,8 @@ records had a ``probe_window``) are the probe alone and are read as ``probe-only
 query-aware rows (and SmolLM2's context-only SnapKV) of the same prompts come from the earlier
 runs (results/smollm2-4k, results/gemma3-4k), merged here for the prompts the reuse runs reached,
 after checking that the prompt hashes agree. Where two runs hold the same setting of a prompt,
-the first folder's record is used.
+the first folder's record is used. ``gemma3-4k-probe-tail-s1`` adds Gemma prompts drawn with seed 1
+(indices counted from 1000 here), with their own full-cache and query-aware records.
 Each row says its prompt count. Scores: percent mean with a 95% interval (``report.fmt``:
 Wilson for 0/1 scores); "of full": the row's summed score over the full cache's on the same
 prompts, with a paired bootstrap 95% interval (``report.retention``).
@@ -24,8 +25,8 @@ from snapkv.eval.report import fmt, retention
 
 HERE = Path(__file__).parent
 RUNS = {"SmolLM2-135M-Instruct": ([HERE / "smollm2-4k-probe-tail", HERE / "smollm2-4k-reuse"], HERE / "smollm2-4k"),
-        "Gemma-3-270M (base, plain prompts)": ([HERE / "gemma3-4k-probe-tail", HERE / "gemma3-4k-reuse"],
-                                               HERE / "gemma3-4k")}
+        "Gemma-3-270M (base, plain prompts)": ([HERE / "gemma3-4k-probe-tail", HERE / "gemma3-4k-probe-tail-s1",
+                                                HERE / "gemma3-4k-reuse"], HERE / "gemma3-4k")}
 KEY = ("task", "index", "method", "mode", "budget")
 ROWS = [("full", "query", "reference: full cache"),
         ("snapkv", "query", "query-aware (question in the window)"),
@@ -46,6 +47,7 @@ def _read(folder: Path) -> list[dict]:
     for r in recs:
         if r["mode"] == "probe" and "probe_window" not in r:  # made before the probe kept the context's tail
             r["mode"] = "probe-only"
+        r["index"] += 1000 * r.get("seed", 0)  # other seeds' prompts are other prompts (index 1000+ for seed 1)
     return recs
 
 
