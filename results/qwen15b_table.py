@@ -10,10 +10,9 @@ The float32 run's ``probe`` records predate the probe's tail and are shown as ``
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from snapkv.eval.report import fmt, retention
+from snapkv.eval.report import fmt, load_records, retention
 
 HERE = Path(__file__).parent
 RUNS = {"bfloat16, seed 1 (2026-12-01)": HERE / "qwen1.5b-bf16-8k-s1",
@@ -25,18 +24,9 @@ MODES = [("query", "query-aware"), ("context", "context-only"), ("probe", "probe
          ("probe-only", "probe alone")]
 
 
-def _read(folder: Path) -> list[dict]:
-    path = folder / "records.jsonl"
-    recs = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    for r in recs:
-        if r["mode"] == "probe" and "probe_window" not in r:  # made before the probe kept the context's tail
-            r["mode"] = "probe-only"
-    return recs
-
-
 def table(name: str, folder: Path, budget: str = "2048") -> list[str]:
     """Markdown lines of one run's table."""
-    recs = _read(folder)
+    recs = load_records([folder])  # old probe records come back as probe-only
     if not recs:
         return [f"{name}: no records", ""]
     full = [r for r in recs if r["method"] == "full"]

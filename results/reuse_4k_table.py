@@ -18,10 +18,9 @@ prompts, with a paired bootstrap 95% interval (``report.retention``).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from snapkv.eval.report import fmt, retention
+from snapkv.eval.report import fmt, load_records, retention
 
 HERE = Path(__file__).parent
 RUNS = {"SmolLM2-135M-Instruct": ([HERE / "smollm2-4k-probe-tail", HERE / "smollm2-4k-reuse"], HERE / "smollm2-4k"),
@@ -42,11 +41,8 @@ ROWS = [("full", "query", "reference: full cache"),
 
 
 def _read(folder: Path) -> list[dict]:
-    path = folder / "records.jsonl"
-    recs = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    recs = load_records([folder])  # old probe records come back as probe-only
     for r in recs:
-        if r["mode"] == "probe" and "probe_window" not in r:  # made before the probe kept the context's tail
-            r["mode"] = "probe-only"
         r["index"] += 1000 * r.get("seed", 0)  # other seeds' prompts are other prompts (index 1000+ for seed 1)
     return recs
 

@@ -25,7 +25,11 @@ MODE_TITLES = {
 
 
 def load_records(paths: Iterable[Path]) -> list[dict[str, Any]]:
-    """All records of the given JSONL files (or folders holding ``records.jsonl``)."""
+    """All records of the given JSONL files (or folders holding ``records.jsonl``).
+
+    ``probe`` records made before the probe kept the context's last window (no
+    ``probe_window`` field) ran what is now the ``probe-only`` mode and are read as such.
+    """
     out: list[dict[str, Any]] = []
     for p in paths:
         p = Path(p)
@@ -33,7 +37,10 @@ def load_records(paths: Iterable[Path]) -> list[dict[str, Any]]:
         if f.exists():
             for line in f.read_text(encoding="utf-8").splitlines():
                 if line.strip():
-                    out.append(json.loads(line))
+                    rec = json.loads(line)
+                    if rec.get("mode") == "probe" and "probe_window" not in rec:
+                        rec["mode"] = "probe-only"
+                    out.append(rec)
     return out
 
 
