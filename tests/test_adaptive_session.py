@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from snapkv import SnapKVConfig, SnapKVSession
+from snapkv.methods import AdaptiveHeads, SnapKV
 from tests.tiny_models import left_padded, tiny_model
 
 pytestmark = pytest.mark.usefixtures("no_grad")
@@ -67,6 +68,42 @@ def test_adaptive_slack_overflow_raises_and_snapshot_rewinds():
         model(input_ids=torch.tensor([[7]]), **s.cache_kwargs(cache))
         with pytest.raises(RuntimeError, match="slack"):
             model(input_ids=torch.tensor([[8]]), **s.cache_kwargs(cache))
+
+
+def test_drop_tail_on_ragged_layers_equals_the_dense_cut():
+    """alpha=1 adaptive equals uniform SnapKV; cutting the prompt's last tokens (a probe that voted)
+    keeps that equality, and a snapshot from before the cut still holds the uncut layer."""
+    model = tiny_model("llama")
+    ids, _ = left_padded([100])
+    config = SnapKVConfig(budget=40, window=8)
+    q = torch.tensor([[5, 6]])
+    out = []
+    for kw in ({}, {"method": AdaptiveHeads(SnapKV(), alpha=1.0, slack=4)}):
+        with SnapKVSession(model, config, **kw) as s:
+            cache = s.new_cache()
+            model(input_ids=ids, **s.cache_kwargs(cache))
+            snap = cache.snapshot()
+            for layer in cache.layers:
+                layer.drop_tail(5)
+            out.append(model(input_ids=q, **s.cache_kwargs(cache)).logits)
+            if not kw:
+                continue
+            layer = cache.layers[0]
+            assert layer.seen == 97 and layer.prompt_length == 95 and layer.ragged.appended == 2
+            with pytest.raises(RuntimeError, match="nothing appended"):
+                layer.drop_tail(1)
+            cache.restore(snap)  # the cut packed new buffers: the snapshot's layers are intact
+            full = model(input_ids=q, **s.cache_kwargs(cache)).logits
+            cache.restore(snap)
+            tail = cache.layers[0].ragged_tail
+            assert tail >= 8 and cache.layers[0].ragged.lengths.sum() == 40 * 2
+            with pytest.raises(ValueError, match=f"not the prompt's last {tail + 1} positions"):
+                cache.layers[0].drop_tail(tail + 1)
+            for layer in cache.layers:
+                layer.drop_tail(5)
+            torch.testing.assert_close(model(input_ids=q, **s.cache_kwargs(cache)).logits, out[-1])
+    torch.testing.assert_close(out[0], out[1], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(full, out[1])  # the cut changed something
 
 
 @pytest.mark.parametrize("kw, match", [({"head_budget": "per-head"}, "head_budget"), ({"alpha": 1.5}, "alpha"),

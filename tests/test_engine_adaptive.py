@@ -191,8 +191,8 @@ def test_context_cache_runs_adaptive_heads_on_the_engine(tok):
 
 
 def test_probe_cut_with_adaptive_heads_on_the_engine(tok):
-    """A probe votes as every head's window, then leaves each head's segment (the engine only:
-    the transformers path's ragged layers refuse drop_tail, and say so)."""
+    """A probe votes as every head's window, then leaves each head's segment; the transformers
+    path (ragged layers, ``drop_tail``) is the reference."""
     model = gqa_model("llama")
     ctx, probe = random_context(160, seed=4), "\nList the keys."
     with ContextCache(model, tok, ctx, CFG, chat=False, probe=probe, method=ADAPTIVE, backend="engine") as doc:
@@ -200,9 +200,11 @@ def test_probe_cut_with_adaptive_heads_on_the_engine(tok):
         got = doc.ask("\nWhat is the key? ", max_new_tokens=4)
     assert got.backend == "engine" and len(got.tokens) == 4
     assert heads.sum(-1).tolist() == [CFG.budget * 4] * 2 and bool((heads != heads[:, :1]).any())
-    with pytest.raises(NotImplementedError, match="drop_tail.*head-adaptive"):
-        with ContextCache(model, tok, ctx, CFG, chat=False, probe=probe, method=ADAPTIVE, backend="transformers"):
-            pass
+    with ContextCache(model, tok, ctx, CFG, chat=False, probe=probe, method=ADAPTIVE, backend="transformers") as doc:
+        ragged = [layer.ragged.lengths[0] for layer in doc.cache.layers]
+        ref = doc.ask("\nWhat is the key? ", max_new_tokens=4)
+    assert torch.equal(torch.stack(ragged), heads.to(ragged[0]))  # the same heads keep the same counts
+    assert ref.tokens == got.tokens
 
 
 def test_room_grows_by_copying_the_per_head_prompt():

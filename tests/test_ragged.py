@@ -276,6 +276,55 @@ def test_from_dense_is_uniform() -> None:
     assert layer.kv_bytes() == 2 * 2 * 2 * 12 * 4 * 4
 
 
+def _trailing_reference(sel: Any) -> int:
+    """Per head from the padded view: how many last entries are the prompt's last positions; the minimum."""
+    idx, valid = sel.to_padded()
+    runs = []
+    for b in range(idx.shape[0]):
+        for h in range(idx.shape[1]):
+            kept = idx[b, h][valid[b, h]].tolist()
+            n = 0
+            while n < len(kept) and kept[-1 - n] == sel.prompt_length - 1 - n:
+                n += 1
+            runs.append(n)
+    return min(runs)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_trailing_run_matches_a_loop(seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    b, h, length = 1 + seed % 2, 1 + seed % 3, 17 + seed
+    scores = torch.rand(b, h, length, generator=gen)
+    scores[..., -(seed + 1):] += 5 * (seed % 2)  # sometimes a longer run than the window
+    valid = torch.ones(b, length, dtype=torch.bool)
+    valid[-1, : seed % 4] = False
+    window = seed % 3
+    sel = select_adaptive(scores, torch.full((b,), 9), window, valid)
+    assert sel.trailing_run() == _trailing_reference(sel) >= window
+
+
+def test_without_tail_cuts_every_head_and_packs() -> None:
+    layer, sel, keys, values = _layer(slack=2)
+    k_pad, v_pad, valid = layer.to_padded()
+    cut = layer.without_tail(2)
+    assert torch.equal(cut.lengths, sel.lengths - 2) and cut.slack == 2 and cut.appended == 0
+    assert cut.keys.shape[0] == sel.total - 2 * 6 + 6 * 2  # packed: kept minus the cut, plus slack
+    k2, v2, valid2 = cut.to_padded()
+    for b in range(2):
+        for h in range(3):
+            n = int(sel.lengths[b, h]) - 2
+            assert torch.equal(k2[b, h][valid2[b, h]], k_pad[b, h][valid[b, h]][:n])
+            assert torch.equal(v2[b, h][valid2[b, h]], v_pad[b, h][valid[b, h]][:n])
+    assert torch.equal(layer.lengths, sel.lengths) and torch.equal(layer.to_padded()[0], k_pad)  # untouched
+    cut.append(torch.randn(2, 3, 1, 8), torch.randn(2, 3, 1, 8))  # the slack is there
+    with pytest.raises(RuntimeError, match="nothing appended"):
+        cut.without_tail(1)
+    with pytest.raises(ValueError, match=r"n must be an integer in \[1, 7\]"):
+        layer.without_tail(8)
+    with pytest.raises(ValueError, match="n must be"):
+        layer.without_tail(0)
+
+
 def _bad_launches() -> list[tuple[str, dict[str, Any]]]:
     q, k = torch.randn(2, 4, 16), torch.randn(50, 16)
     st, ln = torch.zeros(2, 2, dtype=torch.int32), torch.ones(2, 2, dtype=torch.int32)

@@ -128,7 +128,7 @@ def compress_layer(
     if isinstance(sel, RaggedSelection):
         if method.slack is None:
             raise ValueError(f"{type(method).__name__} selects per head but has no slack for new tokens")
-        layer.replace_ragged(RaggedLayer.from_selection(key, values, sel, method.slack))
+        layer.replace_ragged(RaggedLayer.from_selection(key, values, sel, method.slack), sel.trailing_run())
         return LayerStats(inputs.layer_idx, real, kept, full_bytes, layer.ragged.kv_bytes())
     new_k, new_v = gather_positions(key, sel.indices), gather_positions(values, sel.indices)
     positions = sel.indices

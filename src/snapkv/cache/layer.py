@@ -27,6 +27,8 @@ class CompressedLayer(DynamicLayer):
         compressed: whether the prompt part has been replaced by its selection.
         ragged: the per-head ragged store when heads keep different counts (head-adaptive
             budgets); ``keys``/``values`` then hold only the latest new tokens.
+        ragged_tail: for a ragged store, how many of the prompt's last positions every head
+            keeps as its last entries (what :meth:`drop_tail` may cut).
     """
 
     def __init__(self, **kwargs: Any) -> None:
@@ -38,6 +40,7 @@ class CompressedLayer(DynamicLayer):
         self.prefilled = False
         self.prompt_length = 0
         self.ragged: RaggedLayer | None = None
+        self.ragged_tail = 0
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
@@ -76,10 +79,15 @@ class CompressedLayer(DynamicLayer):
         self.keys, self.values, self.pad, self.positions = keys, values, pad, positions
         self.compressed = True
 
-    def replace_ragged(self, ragged: RaggedLayer) -> None:
-        """Swap the full prompt KV for a per-head ragged store (head-adaptive budgets)."""
+    def replace_ragged(self, ragged: RaggedLayer, tail: int = 0) -> None:
+        """Swap the full prompt KV for a per-head ragged store (head-adaptive budgets).
+
+        ``tail``: how many of the prompt's last positions every head keeps as its last entries
+        (:meth:`~snapkv.core.adaptive.RaggedSelection.trailing_run`), what :meth:`drop_tail` may cut.
+        """
         self.prompt_length = self.seen
         self.ragged, self.keys, self.values = ragged, None, None
+        self.ragged_tail = tail
         self.compressed = True
 
     def kv_bytes(self) -> int:
@@ -137,9 +145,20 @@ class CompressedLayer(DynamicLayer):
         """Forget the last ``n`` tokens of the compressed prompt (e.g. a probe window that voted).
 
         They must be the layer's last slots: the prompt's final ``n`` positions, kept (a window
-        always is), with nothing appended after them. Positions go back by ``n``.
+        always is), with nothing appended after them. Positions go back by ``n``. A ragged
+        (head-adaptive) layer cuts them from every head's segment (a new ragged store).
         """
-        self._no_ragged("drop_tail")
+        if self.ragged is not None:
+            if self.ragged.appended or self.seen != self.prompt_length:
+                raise RuntimeError("drop_tail() takes a layer holding only its compressed prompt, nothing appended")
+            if not isinstance(n, bool) and isinstance(n, int) and n > self.ragged_tail:
+                raise ValueError(f"the last {n} slots are not the prompt's last {n} positions in every head "
+                                 f"(each keeps the last {self.ragged_tail}; were they kept?)")
+            self.ragged = self.ragged.without_tail(n)
+            self.ragged_tail -= n
+            self.seen -= n
+            self.prompt_length -= n
+            return
         if not self.compressed:
             raise RuntimeError("drop_tail() applies to a compressed layer")
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.physical_length:
@@ -160,7 +179,7 @@ class CompressedLayer(DynamicLayer):
         super().reset()
         self.seen, self.pad, self.positions, self.prompt_length = 0, None, None, 0
         self.compressed = self.prefilled = False
-        self.ragged = None
+        self.ragged, self.ragged_tail = None, 0
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         """Repeat each row ``repeats`` times (beam search, several samples)."""
@@ -195,7 +214,7 @@ class Snapshot:
 
 
 _SAVED = ("keys", "values", "is_initialized", "seen", "pad", "positions", "compressed", "prefilled",
-          "prompt_length", "cumulative_length", "ragged")
+          "prompt_length", "cumulative_length", "ragged", "ragged_tail")
 
 
 def _ragged_state(layer: Any) -> tuple[torch.Tensor, int] | None:

@@ -128,6 +128,35 @@ class RaggedLayer:
         self.lengths.add_(1)
         self.appended += 1
 
+    def without_tail(self, n: int) -> RaggedLayer:
+        """A new layer holding every head's tokens but its last ``n`` (nothing appended yet).
+
+        For a probe that voted as the window and must leave: each head keeps ``lengths - n``
+        tokens and the same ``slack``, packed into fresh buffers (no slot is wasted, and this
+        layer, which a snapshot may still hold, is left as it is).
+        """
+        if self.appended:
+            raise RuntimeError("without_tail() takes a layer holding only its kept prompt, nothing appended")
+        shortest = int(self.lengths.min()) if self.lengths.numel() else 0
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= shortest:
+            raise ValueError(f"n must be an integer in [1, {shortest}] (tokens of the shortest head), got {n!r}")
+        b, h, d = self.batch_size, self.num_kv_heads, self.head_dim
+        device = self.keys.device
+        lengths = (self.lengths - n).to(torch.int32)
+        capacity = lengths + self.slack
+        cap_flat, len_flat = capacity.view(-1).long(), lengths.view(-1).long()
+        starts = cap_flat.cumsum(0) - cap_flat
+        kept = int(len_flat.sum())
+        seg = torch.arange(b * h, device=device).repeat_interleave(len_flat)
+        rank = torch.arange(kept, device=device) - (len_flat.cumsum(0) - len_flat)[seg]
+        src, dest = self.starts.view(-1).long()[seg] + rank, starts[seg] + rank
+        total = kept + b * h * self.slack
+        k_buf, v_buf = self.keys.new_empty((total, d)), self.values.new_empty((total, d))
+        k_buf.index_copy_(0, dest, self.keys.index_select(0, src))
+        v_buf.index_copy_(0, dest, self.values.index_select(0, src))
+        max_cap = int(capacity.max()) if capacity.numel() else 0
+        return RaggedLayer(k_buf, v_buf, starts.view(b, h).to(torch.int32), lengths, capacity, self.slack, max_cap)
+
     def kv_bytes(self) -> int:
         """Bytes of the key and value buffers (kept tokens plus slack)."""
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values))

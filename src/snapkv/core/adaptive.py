@@ -63,6 +63,23 @@ class RaggedSelection:
         flat = states.reshape(b * h * length, d)
         return flat.index_select(0, self.segment * length + self.indices)
 
+    def trailing_run(self) -> int:
+        """The largest ``n`` such that every head keeps the prompt's last ``n`` positions as its last ``n``.
+
+        The window (always kept) makes it at least the window; a probe that voted as the
+        window can be cut from every head exactly when its length is at most this (one host sync).
+        """
+        if self.total == 0:
+            return 0
+        lengths = self.lengths.reshape(-1).to(self.indices.device, torch.long)
+        offsets = self.offsets.reshape(-1).to(self.indices.device, torch.long)
+        rank = torch.arange(self.total, device=self.indices.device) - offsets[self.segment]
+        from_end = lengths[self.segment] - 1 - rank  # 0 at each head's last kept position
+        bad = self.indices != self.prompt_length - 1 - from_end
+        run = lengths.clone()  # a head whose every entry matches: its whole segment
+        run.scatter_reduce_(0, self.segment[bad], from_end[bad], reduce="amin")
+        return int(run.min())
+
     def to_padded(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense view for references: ``indices [B, Hkv, P]`` (0 at filler) and ``valid [B, Hkv, P]``.
 

@@ -109,15 +109,14 @@ def applies(method: str, mode: str) -> bool:
     """Whether ``method`` is evaluated in ``mode``.
 
     ``full`` runs once (query mode); replay methods score the context alone (context mode);
-    ``probe`` needs votes from prompt queries and a cache
-    whose probe slots can be cut (not H2O's accumulated scores, not the ragged AdaKV cache).
+    ``probe`` needs votes from prompt queries (not H2O's accumulated scores).
     """
     m = METHODS[method]
     if m.make is None:
         return mode == "query"
     if m.replay:
         return mode == "context"
-    return mode not in PROBE_TAILS or m.uses_queries and method != "h2o" and m.head_budget == "uniform"
+    return mode not in PROBE_TAILS or m.uses_queries and method != "h2o"
 
 
 def fit_replay(model: torch.nn.Module, methods: dict[str, Method], method: str, captured: dict[int, Any],
