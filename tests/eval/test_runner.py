@@ -50,11 +50,12 @@ def test_smoke_run_and_resume(tmp_path: Path) -> None:
     args = _smoke_args(tmp_path)
     plan = runner.check_plan(args)
     n = runner.run_plan(args, plan, model, codec)
-    per_sample = 1 + 4 * 2 * 2 + 2  # full; 4 methods x 2 budgets x (query, context); probe for snapkv only
+    per_sample = 1 + 4 * 2 * 2 + 2 * 2  # full; 4 methods x 2 budgets x (query, context); probe: snapkv, adakv
     assert n == 2 * per_sample
     path = tmp_path / "records.jsonl"
     recs = [json.loads(line) for line in path.read_text().splitlines()]
     assert len({runner.RecordFile.key(r) for r in recs}) == len(recs) == n
+    assert {r["method"] for r in recs if r["mode"] == "probe"} == {"snapkv", "adakv"}  # not H2O's accumulated votes
     for r in recs:
         assert 0.0 <= r["score"] <= 1.0 and r["prompt_hash"]
         assert r["kept_tokens"] <= 400
