@@ -17,6 +17,14 @@ own forward, and the captured decode step against the eager one.
     python scripts/bench_gemma.py --out runs/gemma            # 32K and 128K on one H200
     python scripts/bench_gemma.py --modes engine+compile --no-check --out runs/gemma-compile   # compiled step
     python scripts/bench_gemma.py --tiny --device cpu --lengths 300 --steps 3   # smoke test
+    python scripts/bench_gemma.py --modes engine,hf --lengths 32768 --attn-bench --profile --out runs/g
+
+``--attn-bench``: the sliding layers' prefill attention of one 8192-query chunk at the end of a
+32K prompt (this shape's heads, window 1024), by query blocks (``window_attention``, what the
+engine runs) and as one masked call (``window_attention_ref``, before 2026-12-01): median ms of
+CUDA-event-timed calls on random bf16 inputs, each against a float32 reference.
+``--profile``: one more engine prefill at the first length under ``torch.profiler``, the kernels
+with the most CUDA time in ``profile.txt``.
 """
 
 from __future__ import annotations
@@ -163,6 +171,47 @@ def session_point(model: torch.nn.Module, length: int, config: SnapKVConfig, ste
     return res
 
 
+def attention_bench(device: str, chunk: int = 8192, length: int = 32768, reps: int = 5) -> dict:
+    """Block-windowed vs one masked call on the sliding layers' shape (see ``--attn-bench``)."""
+    from snapkv.generation.own_attention import window_attention, window_attention_ref
+
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(1, 8, chunk, 256, device=device, dtype=torch.bfloat16, generator=g)
+    k = torch.randn(1, 4, length, 256, device=device, dtype=torch.bfloat16, generator=g)
+    v = torch.randn(1, 4, length, 256, device=device, dtype=torch.bfloat16, generator=g)
+    scale, window = 256**-0.5, 1024
+    rows = slice(chunk - 512, chunk)  # the float32 reference on the chunk's last 512 queries
+    ref = window_attention_ref(q[:, :, rows].float(), k[:, :, : length].float(), v.float(), scale, window)
+    out: dict[str, Any] = {"chunk": chunk, "length": length, "window": window}
+    for name, fn in (("blocks", window_attention), ("one_masked_call", window_attention_ref)):
+        res = fn(q, k, v, scale, window)
+        err = ((res[:, :, rows].float() - ref).norm() / ref.norm()).item()
+        times = []
+        for _ in range(reps + 1):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(q, k, v, scale, window)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        out[name] = {"median_ms": statistics.median(times[1:]), "rel_err_vs_fp32": err}
+    out["speedup"] = out["one_masked_call"]["median_ms"] / out["blocks"]["median_ms"]
+    return out
+
+
+def profile_prefill(model: torch.nn.Module, config: SnapKVConfig, n: int, chunk: int, path: Path) -> None:
+    """One engine prefill of ``n`` random tokens under torch.profiler; the top CUDA kernels to ``path``."""
+    engine = Engine(model, config, prefill_chunk=chunk)
+    ids = torch.randint(0, model.config.vocab_size, (1, n), device=next(model.parameters()).device)
+    engine.prefill(ids, max_new_tokens=1)  # warm
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        engine.prefill(ids, max_new_tokens=1)
+        torch.cuda.synchronize()
+    path.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
+
+
 def run_point(model: torch.nn.Module, mode: str, n: int, config: SnapKVConfig, opts: Options,
               args: argparse.Namespace, compiled: Engine | None) -> dict:
     """One measurement (``engine+compile`` builds its engine on first use and hands it back)."""
@@ -194,7 +243,11 @@ def main() -> None:
     p.add_argument("--check-length", type=int, default=2048)
     p.add_argument("--out", type=Path, default=Path("runs/gemma"))
     p.add_argument("--prefill-chunk", type=int, default=8192)
+    p.add_argument("--attn-bench", action="store_true", help="time the sliding layers' prefill attention")
+    p.add_argument("--profile", action="store_true", help="profile one engine prefill at the first length")
     args = p.parse_args()
+    if (args.attn_bench or args.profile) and args.device != "cuda":
+        p.error("--attn-bench and --profile time CUDA kernels: they need --device cuda")
     args.out.mkdir(parents=True, exist_ok=True)
     lengths = [int(x) for x in args.lengths.split(",")]
     modes = args.modes.split(",")
@@ -212,6 +265,9 @@ def main() -> None:
             traceback.print_exc()
             report["check"] = {"status": "error", "message": f"{type(err).__name__}: {err}"[:500]}
         print("check", report["check"], flush=True)
+    if args.attn_bench:
+        report["window_attention"] = attention_bench(args.device)
+        print("window_attention", report["window_attention"], flush=True)
     config = SnapKVConfig(budget=args.budget, window=32, kernel=7, pooling="max")
     opts = Options(steps=args.steps, warmup=args.warmup, prefill_chunk=args.prefill_chunk, window=32, kernel=7,
                    pooling="max")
@@ -247,6 +303,8 @@ def main() -> None:
             lines.append(f"| {n} | {r['mode']} | {' | '.join(cells + ratios)} |")
     table = "\n".join(lines)
     print(table)
+    if args.profile:
+        profile_prefill(model, config, lengths[0], args.prefill_chunk, args.out / "profile.txt")
     (args.out / "gemma.json").write_text(json.dumps(report, indent=1))
     (args.out / "gemma.md").write_text(table + "\n")
 

@@ -16,6 +16,7 @@
 #   STAGES="env api" bash scripts/gpu_suite.sh      -> $OUT/api/api_bench.{json,md}
 # Gemma 3 (4B text shape, random weights) on the engine's own-layer path vs transformers (its own call):
 #   STAGES="env gemma" bash scripts/gpu_suite.sh       -> $OUT/gemma/gemma.{json,md}
+#     (GEMMA_ARGS="--lengths 32768 --attn-bench --profile": one length, the sliding attention timed, a profile)
 #   STAGES="env gemma_compile" bash scripts/gpu_suite.sh   (the decode step compiled; its own call)
 # The server (scripts/bench_serve.py; serve32 about 5 minutes, serve128 about 4) and the decode step's kernels:
 #   STAGES="env capture profile serve32 servefill32" bash scripts/gpu_suite.sh -> $OUT/{capture.txt,profile,serve}
@@ -96,7 +97,7 @@ fi
 
 if [[ " $STAGES " == *" gemma "* ]]; then
   stage "gemma: Gemma-3-4B shape on the engine (own layers) vs the transformers path, 32K and 128K"
-  timeout 560 "$PY" scripts/bench_gemma.py --out "$OUT/gemma" || status=1
+  timeout 560 "$PY" scripts/bench_gemma.py ${GEMMA_ARGS:-} --out "$OUT/gemma" || status=1
 fi
 
 if [[ " $STAGES " == *" gemma_compile "* ]]; then

@@ -14,7 +14,13 @@ from transformers import AttentionInterface
 
 from snapkv import SnapKVConfig, SnapKVSession
 from snapkv.generation import Engine
-from snapkv.generation.own_attention import AttentionSettings, attention_settings, chunk_attention
+from snapkv.generation.own_attention import (
+    AttentionSettings,
+    attention_settings,
+    chunk_attention,
+    window_attention,
+    window_attention_ref,
+)
 from snapkv.generation.own_layers import OwnLayers, uses_own_layers
 from snapkv.generation.own_run import decode_step
 from tiny_models import SLIDING_WINDOW, tiny_model
@@ -196,6 +202,23 @@ def test_chunk_attention_equals_a_dense_reference(softcap, window):
     ref = torch.softmax(logits.masked_fill(~allowed, float("-inf")), -1) @ v.repeat_interleave(3, 1)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
+
+
+@pytest.mark.parametrize(("c", "s", "window", "block"), [
+    (37, 37, 5, 8), (37, 50, 5, 8), (40, 90, 16, 16), (33, 33, 64, 7), (9, 200, 3, 2), (64, 64, 1, 10),
+    (300, 700, 48, None),
+])
+def test_window_attention_by_blocks_equals_one_masked_call(c, s, window, block):
+    """Odd shapes: chunk not a multiple of the block, window wider than the chunk, a window of 1."""
+    g = torch.Generator().manual_seed(c + s)
+    q = torch.randn(2, 6, c, 8, generator=g)
+    k, v = torch.randn(2, 3, s, 8, generator=g), torch.randn(2, 3, s, 8, generator=g)
+    out = window_attention(q, k, v, 0.4, window, block)
+    torch.testing.assert_close(out, window_attention_ref(q, k, v, 0.4, window), rtol=1e-5, atol=1e-5)
+    logits = (q @ k.repeat_interleave(2, 1).transpose(-1, -2) * 0.4).double()  # from first principles
+    qp, kp = torch.arange(s - c, s)[:, None], torch.arange(s)[None]
+    ref = torch.softmax(logits.masked_fill(~((kp <= qp) & (kp > qp - window)), float("-inf")), -1)
+    torch.testing.assert_close(out.double(), ref @ v.repeat_interleave(2, 1).double(), rtol=1e-5, atol=1e-5)
 
 class _NoHostSync(torch.utils._python_dispatch.TorchDispatchMode):
     """Records every op that would read a device value on the host or size a tensor by data."""

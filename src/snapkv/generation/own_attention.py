@@ -74,6 +74,51 @@ def _capped_logits(q: torch.Tensor, k: torch.Tensor, scaling: float, softcap: fl
     return logits
 
 
+def _band(q_lo: int, q_hi: int, k_lo: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """``[q_hi - q_lo, S']`` bool: query position ``p`` sees key ``j`` (``j >= k_lo``) iff ``p - W < j <= p``."""
+    q_pos = torch.arange(q_lo, q_hi, device=device)[:, None]
+    k_pos = torch.arange(k_lo, q_hi, device=device)[None, :]
+    allowed = k_pos <= q_pos
+    return allowed & (k_pos > q_pos - window) if window is not None else allowed
+
+
+def window_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
+                         window: int) -> torch.Tensor:
+    """The reference twin of :func:`window_attention`: one masked call over every key a query may see."""
+    c, s, g = q.shape[-2], k.shape[-2], q.shape[1] // k.shape[1]
+    lo = max(0, s - c - window + 1)
+    kk, vv = k[:, :, lo:].repeat_interleave(g, dim=1), v[:, :, lo:].repeat_interleave(g, dim=1)
+    return F.scaled_dot_product_attention(q, kk, vv, attn_mask=_band(s - c, s, lo, window, q.device), scale=scaling)
+
+
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float, window: int,
+                     block: int | None = None) -> torch.Tensor:
+    """Bottom-right causal sliding-window attention of the last ``c`` of ``S`` positions, by query blocks.
+
+    A query at ``p`` sees keys ``p - W < j <= p``. Each block of ``block`` queries (default
+    ``max(W, 256)``) attends to its own positions and the ``W - 1`` before them only, so the work
+    is ``c * (block + W)`` logits instead of the ``c * (c + W)`` of one masked call over the chunk
+    (:func:`window_attention_ref`, its twin); a 8192-query chunk with a 1024 window does 4.5x less.
+
+    ``q [B, Hq, c, D]``, ``k, v [B, Hkv, S, D]`` -> ``[B, Hq, c, D]``.
+    """
+    b, hq, c, d = q.shape
+    s, g = k.shape[-2], hq // k.shape[1]
+    block = max(window, 256) if block is None else block
+    if block >= c:
+        return window_attention_ref(q, k, v, scaling, window)
+    out = torch.empty_like(q)
+    for r0 in range(0, c, block):
+        r1 = min(c, r0 + block)
+        a, e = s - c + r0, s - c + r1  # the block's query positions
+        lo = max(0, a - window + 1)
+        kk = k[:, :, lo:e].repeat_interleave(g, dim=1)  # at most block + W - 1 keys
+        vv = v[:, :, lo:e].repeat_interleave(g, dim=1)
+        mask = _band(a, e, lo, window, q.device)
+        out[:, :, r0:r1] = F.scaled_dot_product_attention(q[:, :, r0:r1], kk, vv, attn_mask=mask, scale=scaling)
+    return out
+
+
 def chunk_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -95,20 +140,15 @@ def chunk_attention(
     """
     if settings.softcap is None and settings.sliding_window is None:
         return causal_chunk_attention(q, k, v, settings.scaling, backend)
+    if settings.softcap is None:  # a window only
+        return window_attention(q, k, v, settings.scaling, settings.sliding_window)
     b, hq, c, d = q.shape
     hkv, s = k.shape[1], k.shape[-2]
     w = settings.sliding_window
     lo = 0 if w is None else max(0, s - c - w + 1)  # keys no query of the chunk can see are skipped
     k, v = k[:, :, lo:], v[:, :, lo:]
-    q_pos = torch.arange(s - c, s, device=q.device)
-    k_pos = torch.arange(lo, s, device=q.device)
-    allowed = k_pos[None, :] <= q_pos[:, None]  # [c, S']
-    if w is not None:
-        allowed &= k_pos[None, :] > q_pos[:, None] - w
+    allowed = _band(s - c, s, lo, w, q.device)  # [c, S']
     g = hq // hkv
-    if settings.softcap is None:  # a window only: torch's attention with an explicit mask
-        kk, vv = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)  # short: at most c + W keys
-        return F.scaled_dot_product_attention(q, kk, vv, attn_mask=allowed, scale=settings.scaling)
     out = torch.empty_like(q)
     qg = q.view(b, hkv, g, c, d)
     rows = max(1, LOGIT_BYTES // max(1, 4 * b * hq * k.shape[-2]))  # queries per product
