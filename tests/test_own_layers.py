@@ -271,6 +271,19 @@ def test_gpu_captured_step_equals_eager_and_transformers(family):
     torch.testing.assert_close(outs[1], ref_logits, rtol=1e-3, atol=1e-3)
 
 
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_window_attention_by_blocks_matches_fp32(dtype):
+    """The engine's sliding-layer prefill attention on CUDA (half precision) against the fp32 twin."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, 8, 3000, 128, device="cuda", dtype=dtype, generator=g)
+    k, v = (torch.randn(1, 4, 7001, 128, device="cuda", dtype=dtype, generator=g) for _ in range(2))
+    out = window_attention(q, k, v, 128**-0.5, 1024).float()
+    ref = window_attention_ref(q.float(), k.float(), v.float(), 128**-0.5, 1024)
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-2
+
 def test_gemma3_multimodal_checkpoint_runs_its_language_model():
     """Gemma 3's 4B-27B checkpoints are ``Gemma3ForConditionalGeneration``: text prompts run on the engine."""
     import transformers as tf
