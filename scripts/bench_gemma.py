@@ -30,6 +30,7 @@ with the most CUDA time in ``profile.txt``.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -40,7 +41,7 @@ from typing import Any
 import torch
 
 from snapkv import SnapKVConfig, SnapKVSession
-from snapkv.bench.measure import Options, Point, _peak, _reset, _sync, measure, time_steps
+from snapkv.bench.measure import Options, Point, _peak, _reset, _reset_peak, _sync, measure, time_steps
 from snapkv.generation import Engine
 from snapkv.integration.hf import cache_argument
 
@@ -76,16 +77,25 @@ def gemma3_model(device: str, tiny: bool, layers: int | None) -> torch.nn.Module
 
 
 def check(model: torch.nn.Module, config: SnapKVConfig, length: int) -> dict[str, float]:
-    """Engine vs the model's own forward (first logits), and captured vs eager decode."""
+    """Engine vs the model's own forward (first logits), and captured vs eager decode.
+
+    Both the engine's and the model's own first logits are also compared with a float32 copy of
+    the model (``*_vs_fp32``): in bf16 the two differ by their rounding (summation order), and
+    neither is the exact one.
+    """
     device = next(model.parameters()).device
     ids = torch.randint(4, 500, (1, length), generator=torch.Generator().manual_seed(1)).to(device)
     with torch.inference_mode():
         ref = model(input_ids=ids, logits_to_keep=1).logits[:, -1].float()
-        out = {}
+        exact = copy.deepcopy(model).float()
+        ref32 = exact(input_ids=ids, logits_to_keep=1).logits[:, -1].float()
+        del exact
+        out = {"hf_vs_fp32": float((ref - ref32).norm() / ref32.norm())}
         for graph in (False, True) if device.type == "cuda" else (False,):
             engine = Engine(model, config, use_graph=graph)
             cache, first, _ = engine.prefill(ids, max_new_tokens=8)
             out["prefill_rel_err"] = float((first.float() - ref).norm() / ref.norm())
+            out["engine_vs_fp32"] = float((first.float() - ref32).norm() / ref32.norm())
             runner = engine.runner(cache)
             runner.feed(first.argmax(-1))
             for _ in range(3):
@@ -138,7 +148,8 @@ def compiled_engine_point(engine: Engine, length: int, opts: Options) -> dict:
     return res
 
 
-def session_point(model: torch.nn.Module, length: int, config: SnapKVConfig, steps: int, warmup: int) -> dict:
+def session_point(model: torch.nn.Module, length: int, config: SnapKVConfig, steps: int, warmup: int,
+                  warm_prefill: bool = False) -> dict:
     """``hf+snapkv``: prefill through a SnapKVSession, then one forward per token over its cache."""
     device = next(model.parameters()).device
     vocab = model.get_output_embeddings().out_features
@@ -147,6 +158,10 @@ def session_point(model: torch.nn.Module, length: int, config: SnapKVConfig, ste
     res: dict[str, Any] = {"mode": "hf+snapkv", "length": length, "budget": config.budget, "status": "ok"}
     try:
         with torch.inference_mode(), SnapKVSession(model, config) as session:
+            if warm_prefill:  # one untimed prefill first (see Options.warm_prefill)
+                model(input_ids=ids, logits_to_keep=1, **session.cache_kwargs(session.new_cache()))
+                _sync(device)
+                _reset_peak(device)
             cache = session.new_cache()
             _sync(device)
             t0 = time.perf_counter()
@@ -220,7 +235,7 @@ def run_point(model: torch.nn.Module, mode: str, n: int, config: SnapKVConfig, o
     if mode == "hf":
         return measure(model, Point("hf", n), opts).to_dict()
     if mode == "hf+snapkv":
-        return session_point(model, n, config, args.steps, args.warmup)
+        return session_point(model, n, config, args.steps, args.warmup, args.warm_prefill)
     engine = compiled
     if engine is None:
         engine = Engine(model, config, prefill_chunk=opts.prefill_chunk)
@@ -245,6 +260,8 @@ def main() -> None:
     p.add_argument("--prefill-chunk", type=int, default=8192)
     p.add_argument("--attn-bench", action="store_true", help="time the sliding layers' prefill attention")
     p.add_argument("--profile", action="store_true", help="profile one engine prefill at the first length")
+    p.add_argument("--warm-prefill", action="store_true",
+                   help="time TTFT on a second prefill of the prompt (every path; the first is untimed)")
     args = p.parse_args()
     if (args.attn_bench or args.profile) and args.device != "cuda":
         p.error("--attn-bench and --profile time CUDA kernels: they need --device cuda")
@@ -257,6 +274,7 @@ def main() -> None:
     report: dict[str, Any] = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
                               "torch": torch.__version__, "transformers": __import__("transformers").__version__,
                               "shape": "gemma3-4b text (random bf16)" if not args.tiny else "tiny gemma3",
+                              "warm_prefill": args.warm_prefill,
                               "layers": model.config.num_hidden_layers, "rows": []}
     if not args.no_check:
         try:
@@ -270,7 +288,7 @@ def main() -> None:
         print("window_attention", report["window_attention"], flush=True)
     config = SnapKVConfig(budget=args.budget, window=32, kernel=7, pooling="max")
     opts = Options(steps=args.steps, warmup=args.warmup, prefill_chunk=args.prefill_chunk, window=32, kernel=7,
-                   pooling="max")
+                   pooling="max", warm_prefill=args.warm_prefill)
     compiled = None
     for n in lengths:
         for mode in modes:
