@@ -122,8 +122,8 @@ def test_context_cache_probe_on_sliding_layers_takes_them_from_the_context_alone
     """Gemma 3 (sliding-window layers): full layers from context + probe, sliding layers from the context alone."""
     model = tiny_model("gemma3")
     ctx = random_context(300, seed=4)
-    with ContextCache(model, tok, ctx, CFG, chat=False) as doc:  # the default probe, on the transformers path
-        assert doc.backend == "transformers" and isinstance(doc.method, Probe)
+    with ContextCache(model, tok, ctx, CFG, chat=False, backend="transformers") as doc:  # the default probe
+        assert isinstance(doc.method, Probe)
         first = doc.ask(QUESTION, max_new_tokens=4)
         again = doc.ask(QUESTION, max_new_tokens=4)
         layers = list(doc.cache.layers)
@@ -142,8 +142,20 @@ def test_context_cache_probe_on_sliding_layers_takes_them_from_the_context_alone
             assert layers[i].positions[0].tolist() == want[i]
         for i in sliding:
             assert torch.equal(layers[i].keys, alone.layers[i].keys)
-    with pytest.raises(ValueError, match="backend='engine' cannot run a probe on a model with sliding-window"):
-        ContextCache(model, tok, ctx, CFG, chat=False, backend="engine")
+    # The engine keeps window - 1 + probe tokens in the sliding layers and cuts the probe everywhere:
+    # the same cache, so the same answers (both questions, after a rewind between them).
+    questions = (QUESTION, "\nWhat is the name? ")
+    with ContextCache(model, tok, ctx, CFG, chat=False, backend="transformers") as doc:
+        ref = [doc.ask(q, max_new_tokens=6) for q in questions]
+    with ContextCache(model, tok, ctx, CFG, chat=False, backend="engine") as doc:
+        got = [doc.ask(q, max_new_tokens=6) for q in questions]
+        cache, kinds = doc._engine.cache, doc._engine.engine.parts.kinds
+        w = model.config.sliding_window
+    assert [a.tokens for a in got] == [a.tokens for a in ref] and got[0].backend == "engine"
+    assert [a.kept_tokens for a in got] == [a.kept_tokens for a in ref]
+    n = len(ctx_ids)
+    assert all(cache.kept[li][0] == (w - 1 if kinds[li] == "sliding" else 128) for li in range(len(kinds)))
+    assert cache.prompt_lengths[0] == n  # the next position is the context's end
     with ContextCache(model, tok, ctx, CFG, chat=False, probe=False, backend="engine") as doc:
         assert doc.method == SnapKV(kernel=5, pooling="avg") and doc.probe is None  # plain: the engine runs it
 

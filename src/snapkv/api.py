@@ -230,10 +230,10 @@ class ContextCache:
             context's last tokens), then they are cut, so the cache holds exactly the budget
             of context tokens; scored with ``config``'s kernel. ``False``: no probe, the
             context's last ``config.window`` tokens vote (SnapKV's plain context-only mode).
-            On a model with sliding-window layers the probe runs on the transformers path
-            (``backend="auto"`` takes it there, ``"engine"`` raises) with two prefills: the
-            context alone gives the sliding layers (a probe cannot be cut from them), the
-            context plus the probe the full-attention layers. With ``probe``, ``method`` (if
+            On a model with sliding-window layers the engine keeps the probe's count more
+            tokens in those layers and cuts the probe from every layer; the transformers path
+            prefills twice there: the context alone gives the sliding layers, the context plus
+            the probe the full-attention layers (the same cache). With ``probe``, ``method`` (if
             given) is the selection method the probe votes through.
         method: the query-agnostic scorer: :class:`~snapkv.methods.Probe` (a probe question
             votes through its SnapKV scorer, then is cut), :class:`~snapkv.methods.kvzip.KVzip`
@@ -285,11 +285,12 @@ class ContextCache:
         if isinstance(method, KVzip) and not full_attention:
             raise ValueError("method=KVzip(...) needs a model whose layers are all full attention: the replay "
                              "cannot be rolled back in sliding-window layers")
+        # The transformers path cannot cut a probe from a sliding-window layer: it prefills the context
+        # alone for them (the engine keeps the probe's count more in those layers and cuts it).
         self._two_prefills = isinstance(method, Probe) and not full_attention
-        if isinstance(method, KVzip) or self._two_prefills:
-            what = "method=KVzip(...)" if isinstance(method, KVzip) else "a probe on a model with sliding-window layers"
+        if isinstance(method, KVzip):
             if backend == "engine":
-                raise ValueError(f"backend='engine' cannot run {what}: it runs on the transformers path; "
+                raise ValueError("backend='engine' cannot run method=KVzip(...): it runs on the transformers path; "
                                  "use backend='transformers' or 'auto'")
             self.backend = "transformers"
         self.method: Method = method

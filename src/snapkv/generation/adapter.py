@@ -217,18 +217,24 @@ class DecoderParts:
 
     # -- the runner interface the engine calls (a family's runner overrides these) ------------
     def kept_per_layer(
-        self, config: SnapKVConfig | None, length: int, profile: str = "uniform", method: Method | None = None
+        self, config: SnapKVConfig | None, length: int, profile: str = "uniform", method: Method | None = None,
+        probe_tokens: int = 0,
     ) -> list[int]:
-        """Prompt tokens each layer keeps of a ``length``-token prompt (every layer is compressed)."""
+        """Prompt tokens each layer keeps of a ``length``-token prompt (every layer is compressed).
+
+        ``probe_tokens`` (a probe at the prompt's end, cut after the prefill) changes nothing here:
+        every layer is full attention and keeps the probe as its window.
+        """
         from snapkv.generation.prefill import kept_per_layer
 
         return kept_per_layer(config, length, self.num_layers, profile, method)
 
     def prompt_slots(
-        self, config: SnapKVConfig | None, length: int, profile: str = "uniform", method: Method | None = None
+        self, config: SnapKVConfig | None, length: int, profile: str = "uniform", method: Method | None = None,
+        probe_tokens: int = 0,
     ) -> int:
         """Cache slots one prompt of ``length`` tokens needs (its largest layer)."""
-        return max(self.kept_per_layer(config, length, profile, method))
+        return max(self.kept_per_layer(config, length, profile, method, probe_tokens))
 
     def make_cache(self, batch: int, prompt_slots: int, max_new_tokens: int) -> StaticKVCache:
         """An empty static cache for ``batch`` rows of this model."""

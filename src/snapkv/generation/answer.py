@@ -149,9 +149,8 @@ class EngineContext:
         self.engine = Engine(model, config, method=method)
         sync = _sync_fn(self.engine.parts.device)
         t0 = time.perf_counter()
-        self.cache, _, _ = self.engine.prefill(torch.tensor([ctx_ids + probe_ids]), max_new_tokens=room)
-        if g:
-            self.cache.drop_prompt_tail(0, g)
+        self.cache, _, _ = self.engine.prefill(torch.tensor([ctx_ids + probe_ids]), max_new_tokens=room,
+                                               probe_tokens=g)
         sync()
         self.prefill_s = time.perf_counter() - t0
         self.stats = layer_stats(self.cache, drop=0, kinds=runner_kinds(self.engine))

@@ -178,33 +178,35 @@ class Engine:
         """Whether the method keeps a different count per KV head (head-adaptive budgets)."""
         return self.method.slack is not None
 
-    def prompt_slots(self, length: int, compress: bool = True) -> int:
+    def prompt_slots(self, length: int, compress: bool = True, probe_tokens: int = 0) -> int:
         """Cache slots one prompt of ``length`` tokens needs (its largest layer budget).
 
         With head-adaptive budgets this is the per-head average; the cache built after the
         prefill holds the fullest head's count (:class:`~snapkv.generation.static_cache.PromptStaging`).
         """
-        return self.parts.prompt_slots(self.config if compress else None, length, self.layer_profile, self.method)
+        return self.parts.prompt_slots(self.config if compress else None, length, self.layer_profile, self.method,
+                                       probe_tokens)
 
-    def new_cache(self, lengths: list[int], max_new_tokens: int, compress: bool = True) -> StaticKVCache:
+    def new_cache(self, lengths: list[int], max_new_tokens: int, compress: bool = True,
+                  probe_tokens: int = 0) -> StaticKVCache:
         """A static cache for rows of these prompt lengths, after checking that everything fits.
 
         Raises :class:`~snapkv.generation.memory.NotEnoughMemoryError` before any allocation
         when the cache plus the prefill's work would not fit in the device's free memory.
         """
-        slots = self._check_fits(lengths, max_new_tokens, compress)
+        slots = self._check_fits(lengths, max_new_tokens, compress, probe_tokens)
         return self.parts.make_cache(len(lengths), slots, max_new_tokens)
 
-    def _check_fits(self, lengths: list[int], max_new_tokens: int, compress: bool) -> int:
+    def _check_fits(self, lengths: list[int], max_new_tokens: int, compress: bool, probe_tokens: int = 0) -> int:
         """The prompt slots of these rows, once :func:`check_fits` passed (raises before allocating)."""
-        slots = max(self.prompt_slots(n, compress) for n in lengths)
+        slots = max(self.prompt_slots(n, compress, probe_tokens) for n in lengths)
         check_fits(
             self.parts,
             lengths,
             slots + max_new_tokens,
             self.prefill_chunk,
             compressed=compress and self.config is not None,
-            capacity_for=lambda n: self.prompt_slots(n, compress) + max_new_tokens,
+            capacity_for=lambda n: self.prompt_slots(n, compress, probe_tokens) + max_new_tokens,
             whole_layer_bytes=self.whole_layer_bytes,
         )
         return slots
@@ -235,25 +237,37 @@ class Engine:
         num_layers: int | None = None,
         *,
         compress: bool = True,
+        probe_tokens: int = 0,
     ) -> tuple[StaticKVCache, torch.Tensor, PrefillStats]:
         """Check memory, allocate the cache and prefill it: ``(cache, last logits [B, V], stats)``.
 
         ``input_ids [B, n]`` may be padded on either side (``attention_mask`` marks the real
         tokens); ``compress=False`` keeps every prompt token whatever the config.
+        ``probe_tokens``: every row ends with a probe of that many tokens (the observation window
+        that votes, e.g. :class:`~snapkv.methods.Probe`'s question) that leaves the cache after the
+        prefill: each layer drops it (``drop_prompt_tail``), sliding-window layers having kept that
+        many more tokens so that their last ``window - 1`` context tokens remain. The cache then
+        holds the context alone, next position the context's length; ``stats`` and the returned
+        logits are the prefill's (the probe's last position).
         An out-of-memory during the prefill frees what it allocated and is raised again as a
         :class:`~snapkv.generation.memory.NotEnoughMemoryError`; the engine stays usable.
         """
         rows = [r.to(self.parts.device) for r in split_rows(input_ids, attention_mask)]
         lengths = [r.numel() for r in rows]
+        if isinstance(probe_tokens, bool) or not isinstance(probe_tokens, int) or not 0 <= probe_tokens < min(lengths):
+            raise ValueError(f"probe_tokens must be an integer in [0, {min(lengths)}) (the shortest row's tokens), "
+                             f"got {probe_tokens!r}")
+        if probe_tokens and (not compress or self.config is None):
+            raise ValueError("probe_tokens needs compression (a config, compress=True): the probe votes, then leaves")
         oom = None
         config = self.config if compress else None
         staged = config is not None and self.per_head  # per-head counts: the cache is sized after the prefill
         try:
             if staged:  # the staging holds the kept tokens: a uniform cache's bytes
-                self._check_fits(lengths, max_new_tokens, compress)
+                self._check_fits(lengths, max_new_tokens, compress, probe_tokens)
                 target: StaticKVCache | PromptStaging = PromptStaging(self.parts.num_layers, len(rows))
             else:
-                target = self.new_cache(lengths, max_new_tokens, compress)  # raises before allocating if it cannot fit
+                target = self.new_cache(lengths, max_new_tokens, compress, probe_tokens)  # raises before allocating
             logits, stats = prefill(
                 self.parts,
                 rows,
@@ -265,8 +279,12 @@ class Engine:
                 backend=self.backend,
                 num_layers=num_layers,
                 whole_layer_bytes=self.whole_layer_bytes,
+                probe_tokens=probe_tokens,
             )
             cache = self._build_staged(target, max_new_tokens) if isinstance(target, PromptStaging) else target
+            if probe_tokens:  # the probe voted; now it leaves every layer of every row
+                for row in range(cache.batch):
+                    cache.drop_prompt_tail(row, probe_tokens)
         except torch.OutOfMemoryError as err:
             oom = str(err).splitlines()[0]
         if oom is not None:  # outside the handler, so the failed frames' tensors are already gone

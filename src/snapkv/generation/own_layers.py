@@ -226,16 +226,23 @@ class OwnLayers:
 
     # -- budgets -----------------------------------------------------------------------------
     def kept_per_layer(
-        self, config: SnapKVConfig | None, length: int, profile: str = "uniform", method: Method | None = None
+        self, config: SnapKVConfig | None, length: int, profile: str = "uniform", method: Method | None = None,
+        probe_tokens: int = 0,
     ) -> list[int]:
         """Prompt tokens each layer keeps: a sliding layer its last ``window - 1``, a full layer its
         budget (ranked among the full layers for the pyramid profile and ``method``'s own layer
-        budget, as the transformers path does)."""
+        budget, as the transformers path does).
+
+        ``probe_tokens``: the prompt ends with a probe of that many tokens that is cut after the
+        prefill (``Engine.prefill(probe_tokens=...)``): a sliding layer keeps that many more, so
+        that its last ``window - 1`` context tokens remain once the probe is gone (their keys and
+        values do not depend on the probe: attention is causal).
+        """
         full = self.full_layers
         out = []
         for i, kind in enumerate(self.kinds):
             if kind == "sliding":
-                out.append(min(length, self.sliding_window - 1))
+                out.append(min(length, self.sliding_window - 1 + probe_tokens))
                 continue
             k = length if config is None else config.kept_tokens(length, config.window)
             if k < length:
@@ -247,10 +254,11 @@ class OwnLayers:
         return out
 
     def prompt_slots(
-        self, config: SnapKVConfig | None, length: int, profile: str = "uniform", method: Method | None = None
+        self, config: SnapKVConfig | None, length: int, profile: str = "uniform", method: Method | None = None,
+        probe_tokens: int = 0,
     ) -> int:
         """Cache slots one prompt of ``length`` tokens needs (its largest layer)."""
-        return max(self.kept_per_layer(config, length, profile, method))
+        return max(self.kept_per_layer(config, length, profile, method, probe_tokens))
 
     # -- the engine's runner interface (prefill one row, one decode step, a cache) ----------------
     def make_cache(self, batch: int, prompt_slots: int, max_new_tokens: int) -> StaticKVCache:

@@ -269,6 +269,7 @@ def prefill(
     backend: str = "ref",
     num_layers: int | None = None,
     whole_layer_bytes: int = 0,
+    probe_tokens: int = 0,
 ) -> tuple[torch.Tensor, PrefillStats]:
     """Prefill every row into ``cache`` (sized by the caller) and return the last logits ``[B, V]``.
 
@@ -290,6 +291,8 @@ def prefill(
         whole_layer_bytes: when a layer's queries and attention output fit in this many bytes,
             attend over the whole layer in one call (torch's fastest exact kernel) instead of
             by query chunks.
+        probe_tokens: each row ends with a probe of that many tokens that the caller cuts
+            afterwards (sliding-window layers keep that many more: ``kept_per_layer``).
     """
     depth = parts.num_layers if num_layers is None else num_layers
     window = config.window if config is not None else 1
@@ -299,7 +302,7 @@ def prefill(
     kept_all = []
     for row, ids in enumerate(rows):
         n = ids.numel()
-        kept = parts.kept_per_layer(config, n, layer_profile, method)
+        kept = parts.kept_per_layer(config, n, layer_profile, method, probe_tokens)
         kept_all.append(kept)
         logits.append(
             parts.prefill_row(ids, cache, row, kept=kept, method=method, window=window, chunk=chunk, backend=backend,
