@@ -58,6 +58,26 @@ RANDOM_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
             max_position_embeddings=1 << 17,
         ),
     ),
+    # Gemma-3-4B text: 34 layers (5 of every 6 with a 1,024-token sliding window), hidden 2560, 8 query /
+    # 4 KV heads of 256, MLP 10240, vocab 262208, tied embeddings (scripts/bench_gemma.py's shape).
+    "gemma3-4b": (
+        "Gemma3TextConfig",
+        dict(
+            vocab_size=262208,
+            hidden_size=2560,
+            intermediate_size=10240,
+            num_hidden_layers=34,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            head_dim=256,
+            query_pre_attn_scalar=256,
+            sliding_window=1024,
+            max_position_embeddings=131072 + 4096,
+            rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
+            tie_word_embeddings=True,
+        ),
+    ),
     # Tiny Llama for CPU runs and tests.
     "tiny-llama": (
         "LlamaConfig",
@@ -74,6 +94,10 @@ RANDOM_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
         ),
     ),
 }
+
+
+#: Model classes whose name is not the config's with ``ForCausalLM`` for ``Config``.
+_MODEL_CLASSES = {"Gemma3TextConfig": "Gemma3ForCausalLM"}
 
 
 def random_model(
@@ -104,7 +128,7 @@ def random_model(
     if num_layers is not None:
         kwargs["num_hidden_layers"] = num_layers
     config = getattr(transformers, cfg_name)(**kwargs)
-    model_cls = getattr(transformers, cfg_name.replace("Config", "ForCausalLM"))
+    model_cls = getattr(transformers, _MODEL_CLASSES.get(cfg_name, cfg_name.replace("Config", "ForCausalLM")))
     torch.manual_seed(seed)
     with torch.device(device):
         model = model_cls._from_config(config, dtype=dtype, attn_implementation=attn_implementation)
