@@ -42,7 +42,7 @@ from snapkv.config import SnapKVConfig
 GiB = 1024**3
 QUESTION = "\nWhat is the key? "  # shorter than the window: the window does not widen
 ROWS: tuple[str, ...] = ("engine", "answer/auto", "answer/transformers", "context/auto", "context/transformers",
-                         "probe/auto")
+                         "probe/auto", "probe/transformers")
 
 
 def char_tokenizer(size: int = 0) -> Any:
