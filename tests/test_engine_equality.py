@@ -154,6 +154,16 @@ def test_probe_cut_equals_session_drop_tail():
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
     with pytest.raises(RuntimeError, match="before decoding"):
         kv.drop_prompt_tail(0, 1)
+    # prefill(probe_tokens=...) cuts it itself: the same cache
+    kv2, _, _ = engine.prefill(full, max_new_tokens=8, probe_tokens=probe.numel())
+    assert kv2.kept[0] == [30] and kv2.prompt_lengths == [ctx.numel()]
+    torch.testing.assert_close(engine.extend(engine.runner(kv2), question[None])[0], ref, atol=1e-4, rtol=1e-4)
+    n = full.shape[1]
+    for bad in (-1, n, True, 2.0):
+        with pytest.raises(ValueError, match=rf"probe_tokens must be an integer in \[0, {n}\)"):
+            engine.prefill(full, probe_tokens=bad)
+    with pytest.raises(ValueError, match="probe_tokens needs compression"):
+        engine.prefill(full, probe_tokens=3, compress=False)
 
 
 def test_room_grows_by_copying_the_prompt():
