@@ -319,3 +319,18 @@ def test_doc_method_bad_input():
         build_server(model, None, serve_args("--doc-method", "kvzip", "--layer-profile", "pyramid"))
     with pytest.raises(SystemExit):  # argparse names the choices
         serve_args("--doc-method", "replay")
+
+
+def test_probe_with_adaptive_heads_on_sliding_layers_engine_equals_transformers(tok):
+    """Gemma 3 + head-adaptive budgets + the probe: per-head ragged cut (transformers) and the engine's
+    staged per-head cache with the probe cut agree on every answer."""
+    model = tiny_model("gemma3")
+    ctx = random_context(300, seed=4)
+    cfg = SnapKVConfig(budget=64, window=8)
+    out = {}
+    for backend in ("transformers", "engine"):
+        method = Probe(AdaptiveHeads(SnapKV(), slack=64))
+        with ContextCache(model, tok, ctx, cfg, chat=False, method=method, backend=backend) as doc:
+            out[backend] = [doc.ask(q, max_new_tokens=6) for q in (QUESTION, "\nAnd the name?")]
+    assert [a.tokens for a in out["engine"]] == [a.tokens for a in out["transformers"]]
+    assert [a.backend for a in out["engine"]] == ["engine"] * 2
