@@ -243,8 +243,9 @@ class Engine:
 
         ``input_ids [B, n]`` may be padded on either side (``attention_mask`` marks the real
         tokens); ``compress=False`` keeps every prompt token whatever the config.
-        ``probe_tokens``: every row ends with a probe of that many tokens (the observation window
-        that votes, e.g. :class:`~snapkv.methods.Probe`'s question) that leaves the cache after the
+        ``probe_tokens``: every row ends with a probe of that many tokens (e.g.
+        :class:`~snapkv.methods.Probe`'s question; the engine's config and method make it the
+        observation window: :func:`~snapkv.methods.probe.probe_config`) that leaves the cache after the
         prefill: each layer drops it (``drop_prompt_tail``), sliding-window layers having kept that
         many more tokens so that their last ``window - 1`` context tokens remain. The cache then
         holds the context alone, next position the context's length; ``stats`` and the returned
