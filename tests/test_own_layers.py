@@ -220,6 +220,14 @@ def test_window_attention_by_blocks_equals_one_masked_call(c, s, window, block):
     ref = torch.softmax(logits.masked_fill(~((kp <= qp) & (kp > qp - window)), float("-inf")), -1)
     torch.testing.assert_close(out.double(), ref @ v.repeat_interleave(2, 1).double(), rtol=1e-5, atol=1e-5)
 
+
+@pytest.mark.parametrize(("window", "block", "match"), [(0, None, "window must be"), (4, 0, "block must be"),
+                                                         (4, True, "block must be"), (2.0, None, "window must be")])
+def test_window_attention_bad_input(window, block, match):
+    q, k = torch.randn(1, 2, 5, 4), torch.randn(1, 1, 9, 4)
+    with pytest.raises(ValueError, match=match):
+        window_attention(q, k, k, 0.5, window, block)
+
 class _NoHostSync(torch.utils._python_dispatch.TorchDispatchMode):
     """Records every op that would read a device value on the host or size a tensor by data."""
 

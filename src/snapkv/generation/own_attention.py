@@ -104,6 +104,10 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling:
     """
     b, hq, c, d = q.shape
     s, g = k.shape[-2], hq // k.shape[1]
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be an integer >= 1, got {window!r}")
+    if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
+        raise ValueError(f"block must be None (max(window, 256)) or an integer >= 1, got {block!r}")
     block = max(window, 256) if block is None else block
     if block >= c:
         return window_attention_ref(q, k, v, scaling, window)
